@@ -1,0 +1,74 @@
+"""The LightningCLI: `python -m medassist fit|validate|test|predict --config configs/lora.yaml [--key value ...]`.
+
+LightningCLI builds the parser from the typed __init__ signatures of MedAssistLM and InstructionDataModule, and
+saves the resolved config as `config.yaml` in each run's directory. This file adds only what is ours: the base
+model given once, `--ckpt_path last` meaning "the newest run of this name", and output checks before training.
+"""
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from medassist import UserError
+from medassist.data import InstructionDataModule
+from medassist.model import MedAssistLM
+
+log = logging.getLogger("medassist")
+
+MIN_FREE_BYTES = 512 * 2**20  # checkpoints of an adapter + optimizer state are tens of MB; leave room for many
+
+
+class MedAssistCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        # Say the base model once: the data side needs its tokenizer.
+        parser.link_arguments("model.base_model", "data.base_model")
+
+    def before_instantiate_classes(self):
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self._resolve_last(self.config.fit)
+
+    def _resolve_last(self, config):
+        """`--ckpt_path last` resumes the newest version of the run that has a last.ckpt, in that same directory."""
+        logger = config.trainer.get("logger")
+        args = getattr(logger, "init_args", None)
+        if args is None:
+            return  # no TensorBoard logger configured: let Lightning look for last.ckpt itself
+        run = Path(args.save_dir) / args.name
+        found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            log.warning("no last.ckpt under %s: starting a new run", run)
+            config.ckpt_path = None
+            return
+        config.ckpt_path = str(found[-1])
+        args.version = found[-1].parent.parent.name
+        log.warning("resuming from %s", config.ckpt_path)
+
+    def before_fit(self):
+        check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training, not after an hour, if checkpoints cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {directory}: {e.strerror}; pick another trainer.logger "
+                        f"save_dir or free the directory") from None
+    free = shutil.disk_usage(directory).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"only {free / 2**20:.0f} MiB free at {directory}; checkpoints need at least "
+                        f"{MIN_FREE_BYTES / 2**20:.0f} MiB. Free space or write elsewhere")
+
+
+def main(args=None) -> None:
+    try:
+        MedAssistCLI(MedAssistLM, InstructionDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    except (UserError, FloatingPointError) as e:
+        print(f"medassist: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)

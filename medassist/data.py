@@ -1,0 +1,245 @@
+"""Instruction data: JSONL reading with file:line errors, answer-only tokenization, batching, the DataModule.
+
+Reading and tokenizing are plain functions usable without Lightning; `InstructionDataModule` wires them to a
+Trainer. `python -m medassist.data import|check ...` runs the importers and the checker (medassist/dataprep.py).
+"""
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import Sampler
+
+from medassist import UserError
+from medassist.prompts import END_OF_TURN, MODEL, format_prompt
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
+FIELDS = {"instruction": True, "input": False, "output": True}  # field -> required
+MAX_ERRORS = 20  # bad lines listed in one message
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read and validate a JSONL file of {"instruction", "input"?, "output"} records (other keys are kept).
+
+    Raises UserError naming file:line for every bad line (up to MAX_ERRORS at once), before anything loads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; expected a JSONL file with one {{'instruction', 'output'}} per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#x}); save the file as UTF-8") from None
+    records, errors = [], []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        problem, record = _check_line(line)
+        if problem:
+            errors.append(f"{path}:{line_no}: {problem}")
+        else:
+            records.append(record)
+    if errors:
+        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+        raise UserError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_ERRORS]) + more)
+    if not records:
+        raise UserError(f"{path}: no records; expected one JSON object per line with 'instruction' and 'output'")
+    return records
+
+
+def _check_line(line: str) -> tuple[str | None, dict | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno}); each line must be one object like " \
+               '{"instruction": "...", "input": "", "output": "..."}', None
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}", None
+    for field, required in FIELDS.items():
+        value = record.get(field)
+        if value is None and not required:
+            continue
+        if value is None:
+            return f"missing '{field}'; every line needs a non-empty 'instruction' and 'output'", None
+        if not isinstance(value, str):
+            return f"'{field}' must be a string, got {type(value).__name__} ({json.dumps(value)[:40]})", None
+        if required and not value.strip():
+            return f"'{field}' is empty; every line needs a non-empty 'instruction' and 'output'", None
+    return None, record
+
+
+def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
+    """Prompt and answer tokenized separately; labels are IGNORE_INDEX on the prompt (unshifted: the model shifts).
+
+    Too long: the question is shortened first (its turn markers kept), never below half the budget; only then is
+    the answer's tail cut (and its end-of-turn dropped, so the model never learns to stop mid-sentence).
+    """
+    prompt = _encode(tokenizer, format_prompt(record["instruction"], record.get("input") or ""), bos=True)
+    answer = _encode(tokenizer, record["output"].strip()) + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    truncated = len(prompt) + len(answer) > max_seq_length
+    if truncated:
+        keep_prompt = max(max_seq_length - len(answer), min(len(prompt), max_seq_length // 2))
+        if keep_prompt < len(prompt):
+            tail = _prompt_tail_length(tokenizer)  # "<end_of_turn>\n<start_of_turn>model\n" stays intact
+            prompt = prompt[: keep_prompt - tail] + prompt[-tail:]
+        answer = answer[: max_seq_length - len(prompt)]
+    return {
+        "input_ids": prompt + answer,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+        "truncated": truncated,
+    }
+
+
+def _encode(tokenizer, text: str, bos: bool = False) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id] + ids if bos and tokenizer.bos_token_id is not None else ids
+
+
+def _prompt_tail_length(tokenizer) -> int:
+    return len(_encode(tokenizer, f"{END_OF_TURN}\n{MODEL}"))
+
+
+def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: str = "data"):
+    """A `datasets.Dataset` of tokenized examples; logs how many were truncated."""
+    from datasets import Dataset
+
+    rows = [tokenize_example(tokenizer, r, max_seq_length) for r in records]
+    truncated = sum(r["truncated"] for r in rows)
+    if truncated:
+        log.warning("%s: %d of %d examples longer than max_seq_length=%d were truncated (prompt first)",
+                    name, truncated, len(rows), max_seq_length)
+    dataset = Dataset.from_list(rows)
+    return dataset.map(lambda r: {"length": len(r["input_ids"]),
+                                  "supervised": sum(t != IGNORE_INDEX for t in r["labels"])})
+
+
+def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """Right-pad ids with pad_id, attention_mask with 0, labels with IGNORE_INDEX (padding masked by position)."""
+    longest = max(len(b["input_ids"]) for b in batch)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class LengthGroupedSampler(Sampler):
+    """Shuffled order in which neighbours have similar lengths, so a batch pads little.
+
+    Deterministic in (seed, epoch): a resumed run sees the same order and skips what it had already seen.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 32):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.group
+        chunks = [sorted(order[i : i + span], key=self.lengths.__getitem__, reverse=True)
+                  for i in range(0, len(order), span)]
+        batches = [c[i : i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for b in batches for i in b])
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """JSONL instruction pairs -> right-padded, answer-only-labelled batches.
+
+    Args:
+        base_model: model source whose tokenizer is used (linked from the model's `base_model` by the CLI).
+        train_file / val_file: JSONL files of {"instruction", "input"?, "output"}; validated when the module is built.
+        max_seq_length: tokens per example after truncation (prompt shortened first).
+        batch_size: examples per micro-batch (per device).
+        group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
+        num_workers: DataLoader worker processes.
+        seed: data order seed.
+    """
+
+    def __init__(
+        self,
+        base_model: str = "embedded",
+        train_file: str = "data/train.jsonl",
+        val_file: str = "data/validation.jsonl",
+        max_seq_length: int = 512,
+        batch_size: int = 4,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        if max_seq_length < 16:
+            raise UserError(f"max_seq_length must be at least 16, got {max_seq_length}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
+        self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
+        self.train_file, self.val_file = train_file, val_file
+        # Read now: a bad line fails here, before any model is loaded.
+        self.train_records = read_records(train_file)
+        self.val_records = read_records(val_file)
+        self.tokenizer = None
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is not None:
+            return
+        from medassist.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.base_model)
+        self.train_set = tokenize_records(self.tokenizer, self.train_records, self.max_seq_length, self.train_file)
+        self.val_set = tokenize_records(self.tokenizer, self.val_records, self.max_seq_length, self.val_file)
+        # Per-token loss weighting across micro-batches and ranks divides by this constant (see DESIGN.md).
+        self.tokens_per_batch = self.batch_size * sum(self.train_set["supervised"]) / len(self.train_set)
+
+    def _loader(self, dataset, train: bool):
+        from torchdata.stateful_dataloader import StatefulDataLoader  # saves its position: mid-epoch resume
+
+        columns = dataset.select_columns(["input_ids", "labels"])
+        if train and self.group_by_length:
+            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed)
+        elif train:
+            sampler = torch.utils.data.RandomSampler(columns, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            sampler = None
+        return StatefulDataLoader(
+            columns,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
+
+    def _collate(self, batch):
+        return collate(batch, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False)
+
+
+if __name__ == "__main__":
+    from medassist.dataprep import main
+
+    main()

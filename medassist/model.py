@@ -1,0 +1,290 @@
+"""The LightningModule: a quantized Gemma with peft LoRA, answer-only loss, perplexity, optimizer, adapter saving.
+
+Lightning owns the loop, devices, accumulation, clipping and checkpoint files; this file owns what is specific to
+fine-tuning an adapter: which weights train, how the loss is computed, and what a checkpoint keeps.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torchmetrics import MeanMetric
+
+from medassist import UserError
+from medassist.data import IGNORE_INDEX
+from medassist.loading import Precision, Quantization, load_model
+from medassist.prompts import TEMPLATE_NAME
+
+log = logging.getLogger(__name__)
+
+ADAPTER_META = "medassist.json"  # written beside adapter_config.json: base model, template, quantization
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk_size: int = 32, softcap: float | None = None):
+    """Sum of token NLLs of `targets` under logits `hidden @ weight.T`, never holding more than one chunk of logits.
+
+    hidden: (N, d) states at supervised positions only; weight: (V, d) frozen output embedding; targets: (N,).
+    The gradient with respect to `hidden` is computed chunk by chunk in the forward pass (softmax - one-hot) @ W,
+    so backward costs nothing and memory is chunk_size x V floats, not N x V (Gemma's V is 262k).
+    """
+    if weight.requires_grad:
+        raise UserError("the output embedding must stay frozen (do not train lm_head/embed_tokens)")
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, softcap)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, softcap):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = []
+        for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+            logits = F.linear(h, weight).float()
+            if softcap:  # Gemma 2 caps its final logits: z = c * tanh(x / c)
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            target = logits.gather(1, y[:, None])
+            top = logits.amax(-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: one pass over chunk x V, no second copy of the logits
+            norm = exp.sum(-1, keepdim=True)
+            total += (top + norm.log() - target).sum()
+            if ctx.needs_input_grad[0]:
+                probs = exp.div_(norm)  # softmax
+                probs[torch.arange(len(y), device=y.device), y] -= 1
+                if softcap:
+                    probs *= 1 - capped.square()
+                grads.append(probs.to(weight.dtype) @ weight)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.cat(grads).to(hidden.dtype) if grads else torch.zeros_like(hidden))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+class MedAssistLM(L.LightningModule):
+    """Gemma + LoRA fine-tuned on answer tokens only.
+
+    Args:
+        base_model: 'embedded' (offline gemma-3-270m), a local directory, a .gguf file or a hub id (google/gemma-2b).
+        quantization: how the frozen base is stored: 'int8' (bitsandbytes LLM.int8), 'nf4' (QLoRA) or 'none'.
+        precision: compute dtype of the base: 'auto' (bf16 where the CPU/GPU has native bf16, else fp32), 'bf16', 'fp32'.
+        attn_implementation: 'sdpa' or 'eager' (measured in BENCHMARKS.md).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
+        target_modules: 'all-linear' or a list of module names (q_proj, v_proj, ...). Never lm_head/embed_tokens:
+            Gemma ties them, and a merged adapter would lose the trained head.
+        learning_rate, weight_decay: AdamW settings for the adapter weights.
+        warmup_steps: linear warm-up in optimizer steps, then cosine decay to min_lr_ratio x learning_rate.
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        loss_chunk_size: supervised tokens per chunk of logits in the loss (memory = chunk x vocabulary floats).
+    """
+
+    def __init__(
+        self,
+        base_model: str = "embedded",
+        quantization: Quantization = "int8",
+        precision: Precision = "auto",
+        attn_implementation: str = "sdpa",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        target_modules: str | list[str] = "all-linear",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        loss_chunk_size: int = 32,
+    ):
+        super().__init__()
+        bad = {"lm_head", "embed_tokens"} & set([target_modules] if isinstance(target_modules, str) else target_modules)
+        if bad:
+            raise UserError(f"target_modules must not include {sorted(bad)}: Gemma ties them (see LESSONS 12)")
+        self.save_hyperparameters()
+        self.model = None  # built in configure_model, on each process's own device
+        self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from base_model
+        self.val_nll = MeanMetric()
+        self.base_ppl = None  # validation perplexity before training (the sanity check runs the whole val set)
+        self._step_start = None
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from peft import LoraConfig, get_peft_model
+
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        base = load_model(hp.base_model, hp.quantization, hp.precision, hp.attn_implementation, device)
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                            target_modules=hp.target_modules, task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, config)
+
+    def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist."""
+        inner = self.model.get_base_model()
+        hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        labels = batch["labels"][:, 1:]  # the one shift: position t predicts token t+1
+        keep = labels != IGNORE_INDEX
+        softcap = getattr(inner.config, "final_logit_softcapping", None)
+        nll = chunked_cross_entropy(hidden[:, :-1][keep], inner.get_output_embeddings().weight, labels[keep],
+                                    self.hparams.loss_chunk_size, softcap)
+        return nll, keep.sum()
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        nll, n = self.response_nll(batch)
+        if n == 0:
+            raise UserError(f"training batch {batch_idx} has no answer tokens; check max_seq_length and the data")
+        loss = nll / n
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); stopping. The last "
+                f"good checkpoint and adapter are kept. Lower learning_rate or use precision: fp32.")
+        self.log("train/loss", loss, prog_bar=True)
+        self._batch_tokens = (int(batch["attention_mask"].sum()), int(n))
+        # Every supervised token weighs the same across micro-batches and ranks: divide by a constant (DESIGN.md)
+        tokens_per_batch = getattr(self.trainer.datamodule, "tokens_per_batch", None) if self._trainer else None
+        return nll / (tokens_per_batch or n)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._step_start
+        tokens, supervised = self._batch_tokens
+        self.log_dict({"train/tokens_per_s": tokens / seconds, "train/response_tokens_per_s": supervised / seconds})
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        # bitsandbytes' int8 inference path quantizes activations through fp16 on the CPU (slow everywhere, ~100x on
+        # AVX2); its training path dequantizes and multiplies in our dtype. Only these layers stay in "train" mode:
+        # they have no dropout, so the result is the same.
+        if self.device.type == "cpu" and self.hparams.quantization == "int8":
+            from bitsandbytes.nn import Linear8bitLt
+
+            for module in self.modules():
+                if isinstance(module, Linear8bitLt):
+                    module.training = True  # this module only, not its children
+
+    def validation_step(self, batch, batch_idx):
+        nll, n = self.response_nll(batch)
+        self.val_nll.update(nll / n.clamp(min=1), weight=n)
+
+    def on_validation_epoch_end(self):
+        loss = self.val_nll.compute()
+        self.val_nll.reset()
+        ppl = loss.exp()
+        if self.trainer.sanity_checking:
+            if self.base_ppl is None and self.global_step == 0:
+                self.base_ppl = ppl.item()
+                rank_zero_info(f"validation perplexity before training: {self.base_ppl:.3f}")
+            return
+        self.log_dict({"val/loss": loss, "val/ppl": ppl}, prog_bar=True)
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=self.hparams.warmup_steps,
+            num_training_steps=max(1, self.trainer.estimated_stepping_batches), min_lr_rate=self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def configure_callbacks(self):
+        return [AdapterCheckpoint(), CheckpointOnSigterm()]
+
+    def on_save_checkpoint(self, checkpoint):
+        # Only the adapter: the frozen base is megabytes x 100 and is rebuilt from base_model (LESSONS 10).
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl}
+
+    def on_load_checkpoint(self, checkpoint):
+        meta = checkpoint.get("medassist", {})
+        self.base_ppl = meta.get("base_ppl")
+        if meta.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
+            raise UserError(f"checkpoint was trained with prompt template {meta['template']!r}, "
+                            f"this code uses {TEMPLATE_NAME!r}; resume with the matching medassist version")
+
+    def save_adapter(self, directory: str | Path, **extra) -> Path:
+        """Write the adapter in peft format (plus medassist.json) atomically: a kill never leaves half a directory."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        self.model.save_pretrained(tmp)
+        hp = self.hparams
+        meta = {"template": TEMPLATE_NAME, "base_model": hp.base_model, "quantization": hp.quantization,
+                "precision": hp.precision, "step": self.global_step, **extra}
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+
+class AdapterCheckpoint(L.Callback):
+    """Saves the adapter to <run>/lora_adapter at the end of fit and to <run>/lora_adapter_best when val/ppl improves.
+
+    Nothing is written after a crash or a NaN: the last good adapters stay where they were.
+    """
+
+    def __init__(self, monitor: str = "val/ppl"):
+        self.monitor, self.best = monitor, math.inf
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not value < self.best:
+            return
+        self.best = float(value)
+        if trainer.is_global_zero:
+            pl_module.save_adapter(Path(trainer.log_dir) / "lora_adapter_best", val_ppl=self.best)
+
+    def on_fit_end(self, trainer, pl_module):
+        ppl = trainer.callback_metrics.get(self.monitor)
+        if trainer.is_global_zero:
+            path = pl_module.save_adapter(Path(trainer.log_dir) / "lora_adapter",
+                                          val_ppl=None if ppl is None else float(ppl))
+            base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
+            final = "n/a" if ppl is None else f"{float(ppl):.3f}"
+            rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict):
+        self.best = state_dict["best"]
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what schedulers send before killing a job) write last.ckpt, so `fit --ckpt_path last` resumes."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException):
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
+                return
