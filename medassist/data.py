@@ -54,6 +54,39 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+def read_questions(path: str | Path) -> list[dict]:
+    """Questions for prediction, one JSON object per line with "question" (or "instruction", plus optional "input").
+
+    Returns one dict per non-blank line, in order: {"question": text, "line": n}, or {"line": n, "error": "file:line:
+    what is wrong"} for a bad line, so the other lines can still be answered. A missing or non-UTF-8 file raises.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; expected JSONL with one {{\"question\": ...}} per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    out = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.append({"line": line_no, "error": f"{path}:{line_no}: not valid JSON ({e.msg})"})
+            continue
+        question = record.get("question", record.get("instruction")) if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            out.append({"line": line_no, "error": f"{path}:{line_no}: needs a non-empty string 'question'"})
+            continue
+        extra = record.get("input") or ""
+        out.append({"line": line_no, "question": f"{question.strip()}\n\n{extra.strip()}" if extra else question})
+    if not out:
+        raise UserError(f"{path}: no questions; expected one {{\"question\": ...}} per line")
+    return out
+
+
 def _check_line(line: str) -> tuple[str | None, dict | None]:
     try:
         record = json.loads(line)
@@ -81,7 +114,7 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
     Too long: the question is shortened first (its turn markers kept), never below half the budget; only then is
     the answer's tail cut (and its end-of-turn dropped, so the model never learns to stop mid-sentence).
     """
-    prompt = _encode(tokenizer, format_prompt(record["instruction"], record.get("input") or ""), bos=True)
+    prompt = encode_prompt(tokenizer, record["instruction"], record.get("input") or "")
     answer = _encode(tokenizer, record["output"].strip()) + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     truncated = len(prompt) + len(answer) > max_seq_length
     if truncated:
@@ -95,6 +128,11 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
         "truncated": truncated,
     }
+
+
+def encode_prompt(tokenizer, instruction: str, input: str = "") -> list[int]:
+    """Token ids of the prompt, exactly as training saw it (generation calls this too)."""
+    return _encode(tokenizer, format_prompt(instruction, input), bos=True)
 
 
 def _encode(tokenizer, text: str, bos: bool = False) -> list[int]:

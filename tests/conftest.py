@@ -40,6 +40,7 @@ def make_tiny_model(directory: Path, vocab_size: int = 384, seed: int = 0) -> Pa
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
         sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        initializer_range=0.2,  # the default 0.02 gives near-uniform logits that LoRA alone can hardly move
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = Gemma3ForCausalLM(config)

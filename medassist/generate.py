@@ -1,0 +1,207 @@
+"""Answers: question -> safety screen -> training prompt -> model.generate -> output guard -> record.
+
+One path for every caller (scripts/predict.py, `python -m medassist predict`, the server, the evaluator):
+`answer_batch` / `stream_answer` take any causal LM + tokenizer; `Assistant` loads a base (+ adapter) for them.
+Every record is {"question", "answer", "disclaimer", "flags", "model", "adapter"}.
+"""
+
+import json
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from medassist import UserError, safety
+from medassist.data import encode_prompt
+from medassist.prompts import END_OF_TURN, TEMPLATE_NAME
+
+log = logging.getLogger(__name__)
+
+ADAPTER_META = "medassist.json"  # written by MedAssistLM.save_adapter beside the peft files
+
+
+@dataclass
+class Sampling:
+    """Decoding settings. temperature 0 = greedy (reproducible); repetition_penalty > 1 stops small models looping."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int = 0
+
+
+def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, repetition_penalty=sampling.repetition_penalty,
+                  eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)],
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def prompt_ids(tokenizer, question: str, context_length: int, max_new_tokens: int) -> list[int]:
+    """The training prompt for `question`; a clear error when it cannot fit the model's context."""
+    ids = encode_prompt(tokenizer, question)
+    room = context_length - max_new_tokens
+    if len(ids) > room:
+        raise UserError(f"question is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
+                        f"of {context_length} tokens leaves room for {room}. Shorten the question")
+    return ids
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, questions: list[str], sampling: Sampling) -> list[str]:
+    """Raw generated answers for already validated questions, batched with left padding (LESSONS 4)."""
+    rows = [prompt_ids(tokenizer, q, context_length(model), sampling.max_new_tokens) for q in questions]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    torch.manual_seed(sampling.seed)
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         **_generate_kwargs(tokenizer, sampling))
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def answer_batch(model, tokenizer, questions: list[str], sampling: Sampling | None = None,
+                 model_name: str = "", adapter: str | None = None) -> list[dict]:
+    """Records for `questions`, in order. A bad question gets a record with an "error" and no answer; the others
+    are still answered."""
+    sampling = sampling or Sampling()
+    records, todo = [], []
+    for question in questions:
+        record = {"question": question, "model": model_name, "adapter": adapter}
+        try:
+            text = safety.validate_question(question)
+            prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
+            todo.append((record, text))
+        except ValueError as e:
+            record["error"] = str(e)
+        records.append(record)
+    if todo:
+        generated = generate_texts(model, tokenizer, [text for _, text in todo], sampling)
+        for (record, text), raw in zip(todo, generated):
+            record.update(safety.compose(safety.screen_question(text), raw))
+    return [_ordered(r) for r in records]
+
+
+def _ordered(record: dict) -> dict:
+    keys = ("question", "answer", "disclaimer", "flags", "model", "adapter", "error")
+    return {k: record[k] for k in keys if k in record}
+
+
+def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = None,
+                  model_name: str = "", adapter: str | None = None) -> Iterator[str | dict]:
+    """Yield the answer as it is generated (str pieces, already through the safety guard), then the record (dict).
+
+    The emergency/crisis lines come first, before any generated text; the closing lines and the disclaimer last.
+    The pieces joined equal record["answer"] + "\\n\\n" + record["disclaimer"].
+    """
+    from transformers import TextIteratorStreamer
+
+    sampling = sampling or Sampling()
+    text = safety.validate_question(question)
+    ids = prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
+    screening = safety.screen_question(text)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = torch.tensor([ids], device=model.device)
+    kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                  **_generate_kwargs(tokenizer, sampling))
+    torch.manual_seed(sampling.seed)
+    thread = threading.Thread(target=torch.no_grad()(model.generate), kwargs=kwargs, daemon=True)
+    thread.start()
+    if screening.preface:
+        yield screening.preface
+    said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
+    guard, generated, first = safety.StreamGuard(), [], True
+    for piece in streamer:
+        generated.append(piece)
+        if shown := guard.feed(piece):
+            yield ("\n\n" if said and first else "") + shown
+            said, first = True, False
+    thread.join()
+    if rest := guard.close():
+        yield ("\n\n" if said and first else "") + rest
+        said = True
+    for line in safety.closing_lines(screening):
+        yield ("\n\n" if said else "") + line
+        said = True
+    record = {"question": question, **safety.compose(screening, "".join(generated).strip()),
+              "model": model_name, "adapter": adapter}
+    yield "\n\n" + record["disclaimer"]
+    yield _ordered(record)
+
+
+def read_adapter_meta(adapter: str | Path) -> dict:
+    """medassist.json of an adapter directory (base model, template, quantization), with a clear error if absent."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json); pass the "
+                        f"lora_adapter/ directory written by fit, e.g. checkpoints/lora/version_0/lora_adapter")
+    meta_file = path / ADAPTER_META
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def load_for_generation(adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
+                        allow_template_mismatch: bool = False):
+    """(model, tokenizer, model_name): the base in its compute dtype (not quantized), the adapter merged into it.
+
+    Merging into the dequantized base (LESSONS 13) and generating with a KV cache is faster than an unmerged
+    int8 PeftModel, and gives the same answers as base + adapter.
+    """
+    from medassist.loading import load_model, load_tokenizer
+
+    meta = read_adapter_meta(adapter) if adapter else {}
+    template = meta.get("template", TEMPLATE_NAME)
+    if template != TEMPLATE_NAME and not allow_template_mismatch:
+        raise UserError(f"{adapter} was trained with prompt template {template!r}; this code uses {TEMPLATE_NAME!r}. "
+                        f"Use a matching medassist version, or pass --allow-template-mismatch to answer anyway")
+    base_model = base_model or meta.get("base_model") or "embedded"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(base_model, quantization="none", precision=precision, device=device)
+    tokenizer = load_tokenizer(base_model)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.config.use_cache = True
+    model.eval()
+    return model, tokenizer, base_model
+
+
+class Assistant:
+    """A loaded model ready to answer: `answer(q)`, `answer_batch(qs)`, `stream(q)`."""
+
+    def __init__(self, adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
+                 sampling: Sampling | None = None, allow_template_mismatch: bool = False):
+        self.adapter = str(adapter) if adapter else None
+        self.sampling = sampling or Sampling()
+        self.model, self.tokenizer, self.model_name = load_for_generation(
+            adapter, base_model, precision, allow_template_mismatch)
+
+    def answer_batch(self, questions: list[str]) -> list[dict]:
+        return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter)
+
+    def answer(self, question: str) -> dict:
+        record = self.answer_batch([question])[0]
+        if "error" in record:
+            raise UserError(record["error"])
+        return record
+
+    def stream(self, question: str) -> Iterator[str | dict]:
+        return stream_answer(self.model, self.tokenizer, question, self.sampling, self.model_name, self.adapter)
+
+    def settings(self) -> dict:
+        return asdict(self.sampling)
