@@ -46,8 +46,19 @@ class MedAssistCLI(LightningCLI):
         args.version = found[-1].parent.parent.name
         log.warning("resuming from %s", config.ckpt_path)
 
+    def predict(self, model, datamodule, ckpt_path=None, **kwargs):
+        """Lightning's predict loop, then the answer records written to data.predict_output as JSONL."""
+        from medassist.generate import write_jsonl_atomic
+
+        batches = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        records = [record for batch in batches for record in batch]
+        write_jsonl_atomic(datamodule.predict_output, records)
+        print(f"wrote {len(records)} answers to {datamodule.predict_output}", file=sys.stderr)
+
     def before_fit(self):
-        check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        # Only the writer checks: other ranks would race on the probe file and create a stray version_N directory.
+        if self.trainer.is_global_zero:
+            check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
 
 
 def check_writable(directory: Path) -> None:

@@ -4,6 +4,7 @@ Reading and tokenizing are plain functions usable without Lightning; `Instructio
 Trainer. `python -m medassist.data import|check ...` runs the importers and the checker (medassist/dataprep.py).
 """
 
+import itertools
 import json
 import logging
 import random
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from medassist import UserError
 from medassist.prompts import END_OF_TURN, MODEL, format_prompt
@@ -173,32 +174,36 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class LengthGroupedSampler(Sampler):
+class LengthGroupedSampler(DistributedSampler):
     """Shuffled order in which neighbours have similar lengths, so a batch pads little.
 
-    Deterministic in (seed, epoch): a resumed run sees the same order and skips what it had already seen.
+    Deterministic in (seed, epoch): a resumed run sees the same order and skips what it had already seen. The order
+    is built for global batches of batch_size x num_replicas and each rank takes its slice of every one, so N ranks
+    train on exactly the batches one process sees with N x batch_size. It is a DistributedSampler so that Lightning
+    does not wrap it: its DistributedSamplerWrapper shuffles the positions again and the grouping is lost.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 32):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 32,
+                 num_replicas: int = 1, rank: int = 0):
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group_batches
 
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        span = self.batch_size * self.group
+        size = self.batch_size * self.num_replicas  # one optimizer step, all ranks together
+        span = size * self.group
         chunks = [sorted(order[i : i + span], key=self.lengths.__getitem__, reverse=True)
                   for i in range(0, len(order), span)]
-        batches = [c[i : i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
+        batches = [c[i : i + size] for c in chunks for i in range(0, len(c), size)]
+        short = batches.pop() if len(batches[-1]) < size else []  # stays last, so batch boundaries stay aligned
         rng.shuffle(batches)
-        return iter([i for b in batches for i in b])
+        order = [i for b in batches for i in b] + short
+        order += itertools.islice(itertools.cycle(order), self.total_size - len(order))  # equal shares, as torch's
+        steps = [order[i : i + size] for i in range(0, len(order), size)]
+        return iter([i for b in steps for i in b[self.rank * len(b) // self.num_replicas :
+                                                 (self.rank + 1) * len(b) // self.num_replicas]])
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -212,6 +217,7 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
         num_workers: DataLoader worker processes.
         seed: data order seed.
+        predict_file / predict_output: for `predict`, JSONL questions in and answer records out.
     """
 
     def __init__(
@@ -224,6 +230,8 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 42,
+        predict_file: str | None = None,
+        predict_output: str = "predictions.jsonl",
     ):
         super().__init__()
         if max_seq_length < 16:
@@ -233,6 +241,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.train_file, self.val_file = train_file, val_file
+        self.predict_file, self.predict_output = predict_file, predict_output
         # Read now: a bad line fails here, before any model is loaded.
         self.train_records = read_records(train_file)
         self.val_records = read_records(val_file)
@@ -253,10 +262,13 @@ class InstructionDataModule(L.LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader  # saves its position: mid-epoch resume
 
         columns = dataset.select_columns(["input_ids", "labels"])
+        # Samplers seeded by (seed, epoch) that shard themselves: resume replays the same order in any epoch, and
+        # Lightning leaves DistributedSamplers alone (it would wrap or replace anything else under DDP).
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if train and self.group_by_length:
-            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed)
+            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed, num_replicas=world, rank=rank)
         elif train:
-            sampler = torch.utils.data.RandomSampler(columns, generator=torch.Generator().manual_seed(self.seed))
+            sampler = DistributedSampler(columns, num_replicas=world, rank=rank, seed=self.seed)
         else:
             sampler = None
         return StatefulDataLoader(
@@ -275,6 +287,13 @@ class InstructionDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, train=False)
+
+    def predict_dataloader(self):
+        if not self.predict_file:
+            raise UserError("predict needs questions: --data.predict_file questions.jsonl (one {\"question\": ...} "
+                            "per line); answers go to --data.predict_output")
+        return torch.utils.data.DataLoader(read_questions(self.predict_file), batch_size=self.batch_size,
+                                           collate_fn=list)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Every record is {"question", "answer", "disclaimer", "flags", "model", "adapter"
 
 import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,6 +144,17 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
               "model": model_name, "adapter": adapter}
     yield "\n\n" + record["disclaimer"]
     yield _ordered(record)
+
+
+def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
+    """All lines or nothing: write a temporary file beside `path`, then rename it over `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, target)
 
 
 def read_adapter_meta(adapter: str | Path) -> dict:

@@ -22,12 +22,11 @@ from torchmetrics import MeanMetric
 
 from medassist import UserError
 from medassist.data import IGNORE_INDEX
+from medassist.generate import ADAPTER_META, Sampling, answer_batch
 from medassist.loading import Precision, Quantization, load_model
 from medassist.prompts import TEMPLATE_NAME
 
 log = logging.getLogger(__name__)
-
-ADAPTER_META = "medassist.json"  # written beside adapter_config.json: base model, template, quantization
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size: int = 32, softcap: float | None = None):
@@ -88,6 +87,7 @@ class MedAssistLM(L.LightningModule):
         warmup_steps: linear warm-up in optimizer steps, then cosine decay to min_lr_ratio x learning_rate.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
         loss_chunk_size: supervised tokens per chunk of logits in the loss (memory = chunk x vocabulary floats).
+        sampling: decoding settings for `predict` (max_new_tokens, temperature, top_p, repetition_penalty, seed).
     """
 
     def __init__(
@@ -106,12 +106,14 @@ class MedAssistLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 32,
+        sampling: Sampling | None = None,
     ):
         super().__init__()
         bad = {"lm_head", "embed_tokens"} & set([target_modules] if isinstance(target_modules, str) else target_modules)
         if bad:
             raise UserError(f"target_modules must not include {sorted(bad)}: Gemma ties them (see LESSONS 12)")
         self.save_hyperparameters()
+        self.sampling = Sampling(**sampling) if isinstance(sampling, dict) else sampling or Sampling()
         self.model = None  # built in configure_model, on each process's own device
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from base_model
         self.val_nll = MeanMetric()
@@ -154,11 +156,14 @@ class MedAssistLM(L.LightningModule):
         if n == 0:
             raise UserError(f"training batch {batch_idx} has no answer tokens; check max_seq_length and the data")
         loss = nll / n
-        if not torch.isfinite(loss):
+        # The mean over ranks is what is logged, and a NaN on any rank makes it NaN on all, so every rank stops at
+        # this step (one rank raising alone would leave the others waiting in the gradient all-reduce).
+        mean = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean") if self._trainer else loss
+        if not torch.isfinite(mean):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); stopping. The last "
+                f"training loss is {mean.item()} at step {self.global_step} (batch {batch_idx}); stopping. The last "
                 f"good checkpoint and adapter are kept. Lower learning_rate or use precision: fp32.")
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", mean, prog_bar=True)
         self._batch_tokens = (int(batch["attention_mask"].sum()), int(n))
         # Every supervised token weighs the same across micro-batches and ranks: divide by a constant (DESIGN.md)
         tokens_per_batch = getattr(self.trainer.datamodule, "tokens_per_batch", None) if self._trainer else None
@@ -172,6 +177,13 @@ class MedAssistLM(L.LightningModule):
     # ---- validation ----------------------------------------------------------------------------------------------
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
+        self._int8_fast_path()
+
+    def on_predict_model_eval(self) -> None:
+        super().on_predict_model_eval()
+        self._int8_fast_path()
+
+    def _int8_fast_path(self) -> None:
         # bitsandbytes' int8 inference path quantizes activations through fp16 on the CPU (slow everywhere, ~100x on
         # AVX2); its training path dequantizes and multiplies in our dtype. Only these layers stay in "train" mode:
         # they have no dropout, so the result is the same.
@@ -196,6 +208,16 @@ class MedAssistLM(L.LightningModule):
                 rank_zero_info(f"validation perplexity before training: {self.base_ppl:.3f}")
             return
         self.log_dict({"val/loss": loss, "val/ppl": ppl}, prog_bar=True)
+
+    # ---- prediction ----------------------------------------------------------------------------------------------
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Answer records for a batch of {"question"} items (bad lines pass through with their "error")."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        questions = [item["question"] for item in batch if "error" not in item]
+        adapter = self.trainer.ckpt_path
+        answers = iter(answer_batch(self.model, tokenizer, questions, self.sampling,
+                                    self.hparams.base_model, adapter and str(adapter)))
+        return [{"question": None, "error": item["error"]} if "error" in item else next(answers) for item in batch]
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -257,14 +279,15 @@ class AdapterCheckpoint(L.Callback):
         if trainer.sanity_checking or value is None or not value < self.best:
             return
         self.best = float(value)
+        run = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask, not only the one that writes
         if trainer.is_global_zero:
-            pl_module.save_adapter(Path(trainer.log_dir) / "lora_adapter_best", val_ppl=self.best)
+            pl_module.save_adapter(run / "lora_adapter_best", val_ppl=self.best)
 
     def on_fit_end(self, trainer, pl_module):
         ppl = trainer.callback_metrics.get(self.monitor)
+        run = Path(trainer.log_dir)  # collective, as above
         if trainer.is_global_zero:
-            path = pl_module.save_adapter(Path(trainer.log_dir) / "lora_adapter",
-                                          val_ppl=None if ppl is None else float(ppl))
+            path = pl_module.save_adapter(run / "lora_adapter", val_ppl=None if ppl is None else float(ppl))
             base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
             final = "n/a" if ppl is None else f"{float(ppl):.3f}"
             rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")

@@ -8,16 +8,14 @@ Exit status 2 on bad input (the other lines of a file are still answered).
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from medassist import UserError, safety  # noqa: E402
 from medassist.data import read_questions  # noqa: E402
-from medassist.generate import Assistant, Sampling  # noqa: E402
+from medassist.generate import Assistant, Sampling, write_jsonl_atomic  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,17 +34,6 @@ def parse_args(argv=None):
     for name, value in vars(defaults).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     return p.parse_args(argv)
-
-
-def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-    """All lines or nothing: write a temporary file beside `path`, then rename it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
 
 
 def answer_file(assistant: Assistant, args) -> int:

@@ -1,0 +1,131 @@
+"""The answer path on a tiny model: records, safety around generation, streaming, batching, and the CLIs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medassist import UserError, safety
+from medassist.generate import Assistant, Sampling, answer_batch, load_for_generation, stream_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ["question", "answer", "disclaimer", "flags", "model", "adapter"]
+SHORT = Sampling(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    import torch
+
+    from medassist.model import MedAssistLM
+
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    module.configure_model()
+    for name, param in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return module.save_adapter(tmp_path_factory.mktemp("run") / "lora_adapter")
+
+
+@pytest.fixture(scope="module")
+def assistant(adapter):
+    return Assistant(adapter, sampling=SHORT)
+
+
+def test_record_shape_and_disclaimer(assistant, adapter, tiny_model_dir):
+    record = assistant.answer("What is asthma?")
+    assert list(record) == KEYS
+    assert record["disclaimer"] == safety.DISCLAIMER and record["adapter"] == str(adapter)
+    assert record["model"] == str(tiny_model_dir)  # the base model named in the adapter's medassist.json
+
+
+def test_emergency_line_comes_first_and_dosing_gets_the_decide_line(assistant):
+    emergency, dosing = assistant.answer_batch(
+        ["I have crushing chest pain and I'm sweating right now", "How many mg of ibuprofen should I take?"])
+    assert emergency["answer"].startswith(safety.EMERGENCY_LINE) and "emergency" in emergency["flags"]
+    assert safety.DECIDE_LINE in dosing["answer"] and "dosing_request" in dosing["flags"]
+
+
+def test_bad_questions_get_errors_and_the_others_are_answered(assistant):
+    records = assistant.answer_batch(["What is flu?", "   ", "bad \x00 char", "x " * 3000])
+    assert "answer" in records[0] and "error" not in records[0]
+    assert "empty" in records[1]["error"] and "control character" in records[2]["error"]
+    assert "context" in records[3]["error"] or "tokens" in records[3]["error"]
+    with pytest.raises(UserError):
+        assistant.answer("")
+
+
+def test_batched_generation_equals_one_at_a_time(assistant):
+    questions = ["What is flu?", "How can I keep my heart healthy when I get older?"]
+    together = assistant.answer_batch(questions)
+    alone = [assistant.answer_batch([q])[0] for q in questions]
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+
+
+def test_stream_shows_the_same_text_as_the_record(assistant):
+    for question in ("What is flu?", "My dad's face is drooping and he can't talk", "What dose of metformin for me?"):
+        pieces = list(assistant.stream(question))
+        record = pieces.pop()
+        assert isinstance(record, dict) and list(record) == KEYS
+        assert "".join(pieces) == f"{record['answer']}\n\n{record['disclaimer']}"
+    emergency = list(assistant.stream("I can't breathe and my lips are blue"))
+    assert emergency[0] == safety.EMERGENCY_LINE
+
+
+def test_adapter_trained_on_another_template_is_refused(adapter, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in adapter.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((other / "medassist.json").read_text())
+    (other / "medassist.json").write_text(json.dumps({**meta, "template": "alpaca-v0"}))
+    with pytest.raises(UserError, match="prompt template 'alpaca-v0'"):
+        load_for_generation(str(other))
+    with pytest.raises(UserError, match="not a LoRA adapter directory"):
+        load_for_generation(str(tmp_path))
+
+
+def run(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def test_predict_script_one_question_json_and_bad_input(adapter):
+    result = run("scripts/predict.py", "--adapter", str(adapter), "--max-new-tokens", "8", "--json",
+                 "How do I prevent the flu?")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(json.loads(result.stdout)) == KEYS
+    plain = run("scripts/predict.py", "--adapter", str(adapter), "--max-new-tokens", "8", "What is flu?")
+    assert plain.stdout.rstrip().endswith(safety.DISCLAIMER)
+    empty = run("scripts/predict.py", "--adapter", str(adapter), "   ")
+    assert empty.returncode == 2 and "empty" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_predict_script_file_mode_keeps_order_and_reports_bad_lines(adapter, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "What is flu?"}\n{"question": \n{"instruction": "How do I sleep better?"}\n')
+    out = tmp_path / "answers.jsonl"
+    result = run("scripts/predict.py", "--adapter", str(adapter), "--max-new-tokens", "6", "--input",
+                 str(questions), "--output", str(out))
+    assert result.returncode == 2 and f"{questions}:2: not valid JSON" in result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("question") for r in records] == ["What is flu?", None, "How do I sleep better?"]
+    assert "error" in records[1] and all(r["disclaimer"] == safety.DISCLAIMER for r in (records[0], records[2]))
+    missing = run("scripts/predict.py", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr and not (tmp_path / "o").exists()
+
+
+def test_lightning_predict_writes_jsonl(tiny_model_dir, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "What is flu?"}\n{"question": "I took too many pills and feel sleepy"}\n')
+    out = tmp_path / "pred.jsonl"
+    result = run("-m", "medassist", "predict", "--config", "configs/lora.yaml", "--model.base_model",
+                 str(tiny_model_dir), "--model.sampling.max_new_tokens", "6", "--data.predict_file", str(questions),
+                 "--data.predict_output", str(out), "--trainer.logger", "false", "--trainer.callbacks", "[]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [list(r) for r in records] == [KEYS, KEYS]
+    assert records[1]["answer"].startswith(safety.EMERGENCY_LINE)
