@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric
@@ -135,6 +136,7 @@ class MedAssistLM(L.LightningModule):
         config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
                             target_modules=hp.target_modules, task_type="CAUSAL_LM")
         self.model = get_peft_model(base, config)
+        self.model.train()  # from_pretrained returns eval mode, and Lightning >= 2.2 keeps each module's mode
 
     def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist."""
@@ -236,23 +238,32 @@ class MedAssistLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         # Only the adapter: the frozen base is megabytes x 100 and is rebuilt from base_model (LESSONS 10).
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        # FSDP's wrapper modules show in parameter names, not in state-dict keys
+        trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl}
 
     def on_load_checkpoint(self, checkpoint):
+        if self._trainer is not None:  # say which state a resumed run continues from
+            rank_zero_info(f"restoring {self.trainer.ckpt_path}: step {checkpoint['global_step']}, "
+                           f"epoch {checkpoint['epoch']}")
         meta = checkpoint.get("medassist", {})
         self.base_ppl = meta.get("base_ppl")
         if meta.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
             raise UserError(f"checkpoint was trained with prompt template {meta['template']!r}, "
                             f"this code uses {TEMPLATE_NAME!r}; resume with the matching medassist version")
 
-    def save_adapter(self, directory: str | Path, **extra) -> Path:
-        """Write the adapter in peft format (plus medassist.json) atomically: a kill never leaves half a directory."""
+    def save_adapter(self, directory: str | Path, state_dict: dict | None = None, **extra) -> Path:
+        """Write the adapter in peft format (plus medassist.json) atomically: a kill never leaves half a directory.
+
+        state_dict: this module's weights as the strategy gathered them (FSDP shards the live ones); default: live.
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        self.model.save_pretrained(tmp)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.save_pretrained(tmp, state_dict=state_dict)
         hp = self.hparams
         meta = {"template": TEMPLATE_NAME, "base_model": hp.base_model, "quantization": hp.quantization,
                 "precision": hp.precision, "step": self.global_step, **extra}
@@ -279,18 +290,20 @@ class AdapterCheckpoint(L.Callback):
         if trainer.sanity_checking or value is None or not value < self.best:
             return
         self.best = float(value)
-        run = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask, not only the one that writes
-        if trainer.is_global_zero:
-            pl_module.save_adapter(run / "lora_adapter_best", val_ppl=self.best)
+        self._save(trainer, pl_module, "lora_adapter_best", val_ppl=self.best)
 
     def on_fit_end(self, trainer, pl_module):
         ppl = trainer.callback_metrics.get(self.monitor)
-        run = Path(trainer.log_dir)  # collective, as above
-        if trainer.is_global_zero:
-            path = pl_module.save_adapter(run / "lora_adapter", val_ppl=None if ppl is None else float(ppl))
-            base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
-            final = "n/a" if ppl is None else f"{float(ppl):.3f}"
-            rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
+        path = self._save(trainer, pl_module, "lora_adapter", val_ppl=None if ppl is None else float(ppl))
+        base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
+        final = "n/a" if ppl is None else f"{float(ppl):.3f}"
+        rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
+
+    @staticmethod
+    def _save(trainer, pl_module, name: str, **extra) -> Path | None:
+        # Every rank must take part: log_dir is a broadcast, and FSDP gathers the state dict from all shards.
+        run, state = Path(trainer.log_dir), trainer.strategy.lightning_module_state_dict()
+        return pl_module.save_adapter(run / name, state, **extra) if trainer.is_global_zero else None
 
     def state_dict(self):
         return {"best": self.best}
@@ -311,3 +324,39 @@ class CheckpointOnSigterm(L.Callback):
                 trainer.save_checkpoint(path)
                 rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
                 return
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its final name, syncs it to disk, then renames: a kill mid-save keeps the old file.
+
+    Lightning's own save stages the file in $TMPDIR and moves it into place; when that is another filesystem (a tmpfs
+    /tmp, a network checkpoint directory) the move is a copy onto the final name, which a kill leaves half-written.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic step there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def fsdp_wrap_policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP units for configs/fsdp.yaml: every decoder layer, and every trainable LoRA weight in a unit of its own.
+
+    FSDP flattens each unit into one tensor of one dtype; the adapters are fp32 beside a bf16 (or nf4 stored as bf16)
+    base, so they cannot share their layer's unit. peft's fsdp_auto_wrap_policy makes the same split.
+    """
+    if recurse:
+        return True
+    weight = getattr(module, "weight", None)
+    trainable_leaf = not any(module.children()) and isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+    return trainable_leaf or type(module).__name__.endswith("DecoderLayer")

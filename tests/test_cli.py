@@ -95,7 +95,8 @@ def test_main_command_on_the_embedded_gemma_3_270m(tmp_path):
     """The README's main command, shortened: real pretrained weights, int8, through the CLI."""
     result = run_cli("fit", "--config", "configs/lora.yaml", "--trainer.limit_train_batches", "2",
                      "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--data.batch_size", "2",
-                     "--trainer.num_sanity_val_steps", "2", "--trainer.logger.init_args.save_dir",
+                     "--trainer.num_sanity_val_steps", "2", "--trainer.log_every_n_steps", "1",
+                     "--trainer.logger.init_args.save_dir",
                      str(tmp_path / "runs"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "lora" / "version_0"
