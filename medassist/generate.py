@@ -105,13 +105,20 @@ def _ordered(record: dict) -> dict:
 
 
 def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = None,
-                  model_name: str = "", adapter: str | None = None) -> Iterator[str | dict]:
+                  model_name: str = "", adapter: str | None = None,
+                  stop: threading.Event | None = None) -> Iterator[str | dict]:
     """Yield the answer as it is generated (str pieces, already through the safety guard), then the record (dict).
 
     The emergency/crisis lines come first, before any generated text; the closing lines and the disclaimer last.
     The pieces joined equal record["answer"] + "\\n\\n" + record["disclaimer"].
+    Setting `stop` (the server does when its client disconnects) or closing the iterator ends generation after the
+    current token.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     sampling = sampling or Sampling()
     text = safety.validate_question(question)
@@ -119,21 +126,38 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     screening = safety.screen_question(text)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = torch.tensor([ids], device=model.device)
+    stop = stop or threading.Event()
     kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                  **_generate_kwargs(tokenizer, sampling))
+                  stopping_criteria=StoppingCriteriaList([_StopOnEvent()]), **_generate_kwargs(tokenizer, sampling))
+    failure = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as e:  # end the stream, else the loop below waits forever; re-raised after join
+            failure.append(e)
+            streamer.end()
+
     torch.manual_seed(sampling.seed)
-    thread = threading.Thread(target=torch.no_grad()(model.generate), kwargs=kwargs, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    if screening.preface:
-        yield screening.preface
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
     guard, generated, first = safety.StreamGuard(), [], True
-    for piece in streamer:
-        generated.append(piece)
-        if shown := guard.feed(piece):
-            yield ("\n\n" if said and first else "") + shown
-            said, first = True, False
+    try:
+        if screening.preface:
+            yield screening.preface
+        for piece in streamer:
+            generated.append(piece)
+            if shown := guard.feed(piece):
+                yield ("\n\n" if said and first else "") + shown
+                said, first = True, False
+    except BaseException:  # GeneratorExit when the caller closes this iterator early: generate for nobody no more
+        stop.set()
+        raise
     thread.join()
+    if failure:
+        raise failure[0]
     if rest := guard.close():
         yield ("\n\n" if said and first else "") + rest
         said = True

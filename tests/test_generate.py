@@ -124,7 +124,8 @@ def test_lightning_predict_writes_jsonl(tiny_model_dir, tmp_path):
     out = tmp_path / "pred.jsonl"
     result = run("-m", "medassist", "predict", "--config", "configs/lora.yaml", "--model.base_model",
                  str(tiny_model_dir), "--model.sampling.max_new_tokens", "6", "--data.predict_file", str(questions),
-                 "--data.predict_output", str(out), "--trainer.logger", "false", "--trainer.callbacks", "[]")
+                 "--data.predict_output", str(out), "--trainer.logger", "false", "--trainer.callbacks", "[]",
+                 "--trainer.default_root_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(r) for r in records] == [KEYS, KEYS]

@@ -1,0 +1,129 @@
+"""The OpenAI chat-completions wire format for medassist.serve: request checks, errors, stream chunks.
+
+Pure functions and pydantic models, no server: a bad request becomes an ApiError whose message names the field.
+Unknown fields are ignored (OpenAI clients send many: user, frequency_penalty, ...); known fields with a wrong type
+or out of range are refused; the question is the last user message (see serve.py for why).
+"""
+
+import json
+import secrets
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medassist import safety
+from medassist.generate import Sampling
+
+EXAMPLE = '{"model": "medassist", "messages": [{"role": "user", "content": "What is asthma?"}]}'
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. Defaults suit the embedded 270M model on a 2-core CPU."""
+
+    max_tokens: int = 512  # the most new tokens a request may ask for
+    max_body_bytes: int = 1 << 20  # 1 MiB: far more than a question that fits gemma-3's context
+    max_queue: int = 16  # requests waiting or generating at once; more get 503
+
+
+class ApiError(Exception):
+    """An error a client can act on, sent as OpenAI's {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# ---- the request --------------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1 is not a bool; extra="ignore": fields we do not use are accepted
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    model: str = "medassist"  # any name is answered by the one model this server holds
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    """'messages.0.role: Input should be ...' for the first few problems, and the first field's name."""
+    problems = [(".".join(str(part) for part in e["loc"]), e["msg"]) for e in error.errors()[:4]]
+    return "; ".join(f"{loc or 'body'}: {msg}" for loc, msg in problems), problems[0][0].split(".")[0]
+
+
+def parse_chat(body: bytes, limits: Limits, defaults: Sampling) -> tuple[ChatRequest, str, Sampling]:
+    """(request, question, sampling) from a request body, or an ApiError(400) saying what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON ({e}); send e.g. {EXAMPLE}") from None
+    except RecursionError:
+        raise ApiError(400, "request body nests too deeply to be a chat request") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}; send e.g. {EXAMPLE}")
+    try:
+        request = ChatRequest.model_validate(data)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise ApiError(400, message, param) from None
+    users = [m for m in request.messages if m.role == "user"]
+    if not users:
+        raise ApiError(400, "messages has no message with role 'user'; the last user message is the question",
+                       "messages")
+    content = users[-1].content
+    text = content if isinstance(content, str) else "\n".join(part.text for part in content or [])
+    try:
+        question = safety.validate_question(text)
+    except ValueError as e:
+        raise ApiError(400, f"last user message: {e}", "messages") from None
+    max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+                       "max_tokens")
+    temperature = defaults.temperature if request.temperature is None else request.temperature
+    # Without a seed, sampled answers differ between requests (as OpenAI's do); greedy ones never depend on it.
+    seed = request.seed if request.seed is not None else (secrets.randbelow(2**31) if temperature else defaults.seed)
+    sampling = replace(defaults, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                       top_p=defaults.top_p if request.top_p is None else request.top_p)
+    return request, question, sampling
+
+
+def chunk(rid: str, created: int, model: str, delta: dict | None, finish: str | None = None, **extra) -> str:
+    """One server-sent event; delta None = OpenAI's closing usage chunk, which has no choices."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    return f"data: {json.dumps({**body, **extra}, ensure_ascii=False)}\n\n"
+
+
+def fields(record: dict) -> dict:
+    """The structured safety fields beside the text: clients need not parse the disclaimer out of the message."""
+    return {"answer": record["answer"], "disclaimer": record["disclaimer"], "flags": record["flags"]}
