@@ -2,19 +2,23 @@
 
 LightningCLI builds the parser from the typed __init__ signatures of MedAssistLM and InstructionDataModule, and
 saves the resolved config as `config.yaml` in each run's directory. This file adds only what is ours: the base
-model given once, `--ckpt_path last` meaning "the newest run of this name", and output checks before training.
+model given once, `--ckpt_path last` meaning "the newest run of this name", checks of the output directory and of
+the strategy before training, and checkpoint files written atomically.
 """
 
 import logging
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medassist import UserError
 from medassist.data import InstructionDataModule
-from medassist.model import MedAssistLM
+from medassist.model import AtomicCheckpointIO, MedAssistLM
 
 log = logging.getLogger("medassist")
 
@@ -27,8 +31,15 @@ class MedAssistCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")
 
     def before_instantiate_classes(self):
+        check_strategy(self.config[self.subcommand])
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resolve_last(self.config.fit)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default, not a plugin the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _resolve_last(self, config):
         """`--ckpt_path last` resumes the newest version of the run that has a last.ckpt, in that same directory."""
@@ -37,7 +48,8 @@ class MedAssistCLI(LightningCLI):
         if args is None:
             return  # no TensorBoard logger configured: let Lightning look for last.ckpt itself
         run = Path(args.save_dir) / args.name
-        found = sorted(run.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        # last-v1.ckpt: Lightning's name for it when a last.ckpt it did not write is in the way (a copied run)
+        found = sorted(run.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             log.warning("no last.ckpt under %s: starting a new run", run)
             config.ckpt_path = None
@@ -59,6 +71,15 @@ class MedAssistCLI(LightningCLI):
         # Only the writer checks: other ranks would race on the probe file and create a stray version_N directory.
         if self.trainer.is_global_zero:
             check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+
+
+def check_strategy(config) -> None:
+    """Refuse int8 + FSDP before any process starts or model loads: 8-bit bitsandbytes weights cannot be sharded."""
+    strategy = config.trainer.get("strategy")
+    if "fsdp" in str(getattr(strategy, "class_path", strategy)).lower() and config.model.quantization == "int8":
+        raise UserError("quantization int8 does not work with FSDP: bitsandbytes keeps 8-bit weights as int8 tensors "
+                        "that FSDP cannot shard (bitsandbytes #466, #1709). Use --model.quantization nf4 (QLoRA, as "
+                        "configs/fsdp.yaml does) or none, or keep int8 with configs/ddp.yaml or configs/deepspeed.yaml")
 
 
 def check_writable(directory: Path) -> None:
@@ -83,3 +104,6 @@ def main(args=None) -> None:
     except (UserError, FloatingPointError) as e:
         print(f"medassist: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except SIGTERMException:  # Lightning exits 0 here; a scheduler or script must see that the run did not finish
+        print("medassist: stopped by SIGTERM; `fit ... --ckpt_path last` resumes", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

@@ -29,15 +29,29 @@ def read_records(path: str | Path) -> list[dict]:
 
     Raises UserError naming file:line for every bad line (up to MAX_ERRORS at once), before anything loads.
     """
+    numbered, errors = collect_records(path)
+    if errors:
+        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+        raise UserError(errors[0] if len(errors) == 1 else
+                        f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_ERRORS]) + more)
+    return [record for _, record in numbered]
+
+
+def collect_records(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """([(line number, record)] of the good lines, ["file:line: problem"] of the rest), without raising.
+
+    A missing, non-UTF-8 or empty file is one problem. `read_records` raises on any problem; the checker
+    (`python -m medassist.data check`) lists them all.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found; expected a JSONL file with one {{'instruction', 'output'}} per line")
+        return [], [f"{path}: file not found; expected a JSONL file with one {{'instruction', 'output'}} per line"]
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#x}); save the file as UTF-8") from None
+        return [], [f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#x}); save the file as UTF-8"]
     records, errors = [], []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -46,13 +60,10 @@ def read_records(path: str | Path) -> list[dict]:
         if problem:
             errors.append(f"{path}:{line_no}: {problem}")
         else:
-            records.append(record)
-    if errors:
-        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_ERRORS]) + more)
-    if not records:
-        raise UserError(f"{path}: no records; expected one JSON object per line with 'instruction' and 'output'")
-    return records
+            records.append((line_no, record))
+    if not records and not errors:
+        errors.append(f"{path}: no records; expected one JSON object per line with 'instruction' and 'output'")
+    return records, errors
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -245,6 +256,10 @@ class InstructionDataModule(L.LightningDataModule):
         # Read now: a bad line fails here, before any model is loaded.
         self.train_records = read_records(train_file)
         self.val_records = read_records(val_file)
+        from medassist.dataprep import cross_file_warnings  # not at the top: dataprep imports this module
+
+        for warning in cross_file_warnings({train_file: self.train_records, val_file: self.val_records}):
+            log.warning(warning)
         self.tokenizer = None
 
     def setup(self, stage: str) -> None:

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size: int = 32, softcap: float | None = None):
-    """Sum of token NLLs of `targets` under logits `hidden @ weight.T`, never holding more than one chunk of logits.
+    """Sum of token NLLs of `targets` under logits `hidden @ weight.T`, holding chunk_size x V logits at a time.
 
     hidden: (N, d) states at supervised positions only; weight: (V, d) frozen output embedding; targets: (N,).
-    The gradient with respect to `hidden` is computed chunk by chunk in the forward pass (softmax - one-hot) @ W,
-    so backward costs nothing and memory is chunk_size x V floats, not N x V (Gemma's V is 262k).
+    They are laid out as (chunk_size x V / 8192 tokens) x (8192 vocabulary entries): wide matmuls over many tokens
+    make the loss ~2.5x faster on a CPU than 32 tokens x the whole vocabulary (BENCHMARKS.md). Log-sum-exps are
+    merged across vocabulary blocks online, in fp32, and the gradient with respect to `hidden`, softmax @ W - W[y],
+    is accumulated in the same pass, so backward costs nothing. Peak memory: 2 x chunk_size x V fp32 numbers
+    (67 MB for V = 262k and chunk_size 32), whatever N.
     """
     if weight.requires_grad:
         raise UserError("the output embedding must stay frozen (do not train lm_head/embed_tokens)")
@@ -43,29 +47,49 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size: int = 32, softcap
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    VOCAB_BLOCK = 8192  # vocabulary entries per block (of 4096-32768, measured fastest; BENCHMARKS.md)
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, softcap):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grads = []
-        for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size)):
-            logits = F.linear(h, weight).float()
-            if softcap:  # Gemma 2 caps its final logits: z = c * tanh(x / c)
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            target = logits.gather(1, y[:, None])
-            top = logits.amax(-1, keepdim=True)
-            exp = logits.sub_(top).exp_()  # in place: one pass over chunk x V, no second copy of the logits
-            norm = exp.sum(-1, keepdim=True)
-            total += (top + norm.log() - target).sum()
-            if ctx.needs_input_grad[0]:
-                probs = exp.div_(norm)  # softmax
-                probs[torch.arange(len(y), device=y.device), y] -= 1
-                if softcap:
-                    probs *= 1 - capped.square()
-                grads.append(probs.to(weight.dtype) @ weight)
-        if ctx.needs_input_grad[0]:
+        grad = ctx.needs_input_grad[0]
+        block = min(len(weight), _ChunkedCrossEntropy.VOCAB_BLOCK)
+        tokens = max(1, chunk_size * len(weight) // block)  # chunk_size x V logits at once, as tokens x block
+        total, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), []
+        for h, y in zip(hidden.split(tokens), targets.split(tokens)):
+            lse = torch.full((len(h), 1), -math.inf, device=h.device)  # log-sum-exp of the blocks so far
+            acc = torch.zeros(h.shape, device=h.device)  # softmax @ W of the blocks so far
+            for w in weight.split(block):
+                block_lse, block_grad = _ChunkedCrossEntropy._block(h, w, softcap, grad)
+                merged = torch.logaddexp(lse, block_lse)
+                if grad:
+                    acc.mul_((lse - merged).exp_()).add_(block_grad.mul_((block_lse - merged).exp_()))
+                lse = merged
+            w_y = weight[y].float()
+            z_y = (h.float() * w_y).sum(-1, keepdim=True)  # the target's logit
+            if softcap:
+                capped = torch.tanh(z_y / softcap)
+                z_y, w_y = capped * softcap, w_y * (1 - capped.square())
+            total += (lse - z_y).sum()
+            grads.append(acc - w_y)
+        if grad:
             ctx.save_for_backward(torch.cat(grads).to(hidden.dtype) if grads else torch.zeros_like(hidden))
         return total
+
+    @staticmethod
+    def _block(h, w, softcap, grad):
+        """(log-sum-exp, softmax @ w) of the logits h @ w.T, in fp32; its temporaries are freed on return."""
+        z = F.linear(h, w).float()
+        if softcap:  # Gemma 2 caps its final logits: z = c * tanh(x / c)
+            z = z.div_(softcap).tanh_().mul_(softcap)
+        logp = torch.log_softmax(z, -1)
+        lse = z[:, :1] - logp[:, :1]  # read back from any one column
+        if not grad:
+            return lse, None
+        probs = logp.exp_()
+        if softcap:  # dz/dx = 1 - (z / c)^2
+            probs.addcmul_(probs, z.div_(softcap).square_(), value=-1)
+        del z  # at most two block-sized fp32 tensors are alive at once
+        return lse, (probs.to(w.dtype) @ w).float()
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -229,8 +253,18 @@ class MedAssistLM(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, num_warmup_steps=self.hparams.warmup_steps,
-            num_training_steps=max(1, self.trainer.estimated_stepping_batches), min_lr_rate=self.hparams.min_lr_ratio)
+            num_training_steps=max(1, self._optimizer_steps()), min_lr_rate=self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _optimizer_steps(self) -> int:
+        """trainer.estimated_stepping_batches, without letting it set up the fit loop's train loader: set up this early,
+        a resumed run never restores the loader's position and silently restarts the epoch (Lightning #20550)."""
+        trainer = self.trainer
+        if trainer.datamodule is None or trainer.max_epochs == -1 or trainer.limit_train_batches != 1.0:
+            return trainer.estimated_stepping_batches
+        loader = trainer.datamodule.train_dataloader()  # a throwaway loader, only counted
+        steps = math.ceil(len(loader) / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def configure_callbacks(self):
@@ -313,7 +347,41 @@ class AdapterCheckpoint(L.Callback):
 
 
 class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (what schedulers send before killing a job) write last.ckpt, so `fit --ckpt_path last` resumes."""
+    """On SIGTERM (what schedulers send before killing a job) write last.ckpt, so `fit --ckpt_path last` resumes.
+
+    Every rank must stop at the same point: one that stops alone leaves the others waiting in a collective.
+    Lightning's own handler broadcasts from inside the signal handler, where it can meet another collective in flight
+    and hang DDP (Lightning #20806; seen here with 2 CPU processes). This handler only notes the signal; after each
+    optimizer step and validation batch the ranks add up their notes, and all stop together if any was signalled.
+    """
+
+    def __init__(self):
+        self.installed, self.signalled, self.step = False, False, -1
+
+    def on_train_start(self, trainer, pl_module):
+        # Lightning has installed its handlers by now; it puts the original ones back after fit.
+        signal.signal(signal.SIGTERM, self._note)
+        self.installed = True
+
+    def _note(self, signum, frame):
+        self.signalled = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:  # an optimizer step, not a micro-batch inside one
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stop_if_signalled(trainer, pl_module)
+
+    def _stop_if_signalled(self, trainer, pl_module):
+        if not self.installed:  # not fitting, or the sanity check before training
+            return
+        votes = trainer.strategy.reduce(torch.tensor(float(self.signalled), device=pl_module.device), reduce_op="sum")
+        if votes > 0:
+            raise SIGTERMException  # on every rank at once; on_exception below saves
 
     def on_exception(self, trainer, pl_module, exception):
         if not isinstance(exception, SIGTERMException):

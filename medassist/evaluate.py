@@ -1,0 +1,258 @@
+"""Evaluation: perplexity on reference answers, ROUGE-L of generated answers and the safety flags, together
+(ROUGE alone rewards wording, not correctness: LESSONS 18); a JSON report, a base-vs-fine-tuned chart, TensorBoard.
+
+`scripts/evaluate.py` is the command line. Perplexity runs the code Lightning validation runs (`tokenize_records`,
+`collate`, `MedAssistLM.response_nll`, token-weighted); answers come from `generate.answer_batch`, as users get
+them. `SampleAnswers` is a callback that logs answers to fixed questions at each validation.
+"""
+
+import gc
+import json
+import math
+import platform
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from medassist.data import collate, read_records, tokenize_records
+from medassist.generate import Sampling, answer_batch, load_for_generation, read_adapter_meta
+
+SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
+
+
+def load_lm(base_model: str, adapter: str | None, quantization: str, precision: str, device: str):
+    """A MedAssistLM on `device` as validation sees it: the adapter loaded, or a zero LoRA (B = 0: exactly the base,
+    the model Lightning's sanity check measures), in eval mode with the int8 CPU fast path of model.py."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from medassist.loading import load_model
+    from medassist.model import MedAssistLM
+
+    lm = MedAssistLM(base_model=base_model, quantization=quantization, precision=precision)
+    hp = lm.hparams
+    base = load_model(base_model, quantization, precision, hp.attn_implementation, device)
+    if adapter:
+        lm.model = PeftModel.from_pretrained(base, adapter)
+    else:
+        lm.model = get_peft_model(base, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                                                   target_modules=hp.target_modules, task_type="CAUSAL_LM"))
+    lm.eval()
+    if torch.device(device).type == "cpu":
+        lm._int8_fast_path()  # bnb's int8 inference path is ~100x slower on CPUs; same numbers (see model.py)
+    return lm
+
+
+@torch.no_grad()
+def perplexity(lm, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, name: str = "data") -> dict:
+    """exp(sum of response-token NLLs / number of response tokens), batched exactly as the validation loader."""
+    dataset = tokenize_records(tokenizer, records, max_seq_length, name).select_columns(["input_ids", "labels"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    device = next(lm.model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in loader:
+        nll, n = lm.response_nll({k: v.to(device) for k, v in batch.items()})
+        total, tokens = total + float(nll), tokens + int(n)
+    return {"perplexity": math.exp(total / tokens), "response_nll": total / tokens, "response_tokens": tokens}
+
+
+def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling, batch_size: int,
+                       model_name: str, adapter: str | None) -> dict:
+    """ROUGE-L (torchmetrics) of the answers users would read (safety layer applied, disclaimer not counted) against
+    the references, the safety flags' counts, and every answer."""
+    from torchmetrics.text.rouge import ROUGEScore
+
+    rouge, flags, answers = ROUGEScore(rouge_keys=("rougeL",)), Counter(), []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        questions = [f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"] for r in chunk]
+        for ref, out in zip(chunk, answer_batch(model, tokenizer, questions, sampling, model_name, adapter)):
+            entry = {"id": ref.get("id"), "question": out["question"], "reference": ref["output"]}
+            if "error" in out:
+                answers.append({**entry, "error": out["error"]})
+                continue
+            score = rouge(out["answer"], ref["output"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
+            flags.update(out["flags"])
+            answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4)})
+    scored = sum("error" not in a for a in answers)
+    total = {k.removeprefix("rougeL_"): round(float(v), 4) for k, v in rouge.compute().items()} if scored else {}
+    return {"rougeL": total, "flags": dict(sorted(flags.items())), "answered": scored,
+            "errors": len(answers) - scored, "answers": answers}
+
+
+def evaluate_model(name: str, base_model: str, adapter: str | None, records: list[dict], args) -> dict:
+    """All metrics for one model: perplexity with the training-time base (quantized), answers from the merged one."""
+    from medassist.loading import load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, result, seconds = load_tokenizer(base_model), {"model": base_model, "adapter": adapter}, {}
+    start = time.perf_counter()
+    lm = load_lm(base_model, adapter, args.quantization, args.precision, device)
+    result.update(perplexity(lm, tokenizer, records, args.max_seq_length, args.batch_size, f"{args.data} ({name})"))
+    seconds["perplexity"] = round(time.perf_counter() - start, 1)
+    del lm
+    gc.collect()
+    if args.max_new_tokens > 0:
+        start = time.perf_counter()
+        model, tokenizer, model_name = load_for_generation(adapter, base_model, args.precision)
+        result.update(generation_metrics(model, tokenizer, records, Sampling(max_new_tokens=args.max_new_tokens),
+                                         args.batch_size, model_name, adapter))
+        seconds["generation"] = round(time.perf_counter() - start, 1)
+        del model
+        gc.collect()
+    result["seconds"] = seconds
+    summary = ", ".join(f"{k} {v}" for k, v in [("perplexity", round(result["perplexity"], 3)),
+                                                 ("ROUGE-L F", result.get("rougeL", {}).get("fmeasure")),
+                                                 ("flags", result.get("flags"))] if v is not None)
+    print(f"{name}: {summary} ({seconds})", flush=True)
+    return result
+
+
+def training_setting(adapter: str | None, key: str):
+    """data.<key> from the config.yaml LightningCLI saved in the adapter's run directory (None if not there)."""
+    config = Path(adapter).parent / "config.yaml" if adapter else None
+    if config is None or not config.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(config.read_text()) or {}).get("data", {}).get(key)
+
+
+def spread(records: list[dict], limit: int | None) -> list[dict]:
+    """`limit` records evenly spaced through the file (files are often sorted by source), all if limit is None."""
+    if limit is None or limit >= len(records):
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
+def hardware() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
+def run(args) -> dict:
+    """Evaluate the base and/or the fine-tuned model on args.data; write the report (+ chart, TensorBoard)."""
+    wall = time.perf_counter()
+    meta = read_adapter_meta(args.adapter) if args.adapter else {}
+    base_model = args.base_model or meta.get("base_model") or "embedded"
+    args.quantization = args.quantization or meta.get("quantization", "int8")
+    args.precision = args.precision or meta.get("precision", "auto")
+    args.max_seq_length = args.max_seq_length or training_setting(args.adapter, "max_seq_length") or 384
+    records = spread(read_records(args.data), args.limit)
+    models = [("base", None)] if args.compare_base or not args.adapter else []
+    models += [("fine-tuned", str(args.adapter))] if args.adapter else []
+    results = {name: evaluate_model(name, base_model, adapter, records, args) for name, adapter in models}
+    settings = {k: getattr(args, k) for k in ("limit", "max_new_tokens", "max_seq_length", "batch_size",
+                                              "quantization", "precision")}
+    report = {"data": str(args.data), "examples": len(records), "settings": settings, "hardware": hardware(),
+              "results": results, "wall_s": round(time.perf_counter() - wall, 1)}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if len(results) == 2:
+        base, tuned = results["base"], results["fine-tuned"]
+        report["comparison"] = {"perplexity_change": round(tuned["perplexity"] / base["perplexity"] - 1, 4)}
+        if "rougeL" in base and base["rougeL"] and tuned["rougeL"]:
+            report["comparison"]["rougeL_f_change"] = round(tuned["rougeL"]["fmeasure"] - base["rougeL"]["fmeasure"], 4)
+        print(f"fine-tuned vs base: {report['comparison']}", flush=True)
+        report["chart"] = str(write_chart(results, output.with_suffix(".png")))
+    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if args.tensorboard:
+        log_tensorboard(results, args.tensorboard, step=meta.get("step", 0))
+    return report
+
+
+def write_chart(results: dict, path: Path) -> Path:
+    """Perplexity, ROUGE-L and safety flags of each model, side by side (PNG, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, colors = list(results), ["#999999", "#1f77b4"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("perplexity on reference answers (lower is better)", [results[n]["perplexity"] for n in names]),
+              ("ROUGE-L F1 vs references (higher is better)",
+               [results[n].get("rougeL", {}).get("fmeasure", 0) for n in names])]
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title, fontsize=10)
+    flags = sorted({f for n in names for f in results[n].get("flags", {})}) or ["(none)"]
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        axes[2].bar([x + i * width for x in range(len(flags))], [results[n].get("flags", {}).get(f, 0) for f in flags],
+                    width, label=n, color=colors[i])
+    axes[2].set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(flags))], flags, rotation=30,
+                       ha="right", fontsize=8)
+    axes[2].set_title("safety flags (answers)", fontsize=10)
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_tensorboard(results: dict, run_dir: str, step: int = 0) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(run_dir) as writer:
+        for name, r in results.items():
+            writer.add_scalar(f"eval/{name}/perplexity", r["perplexity"], step)
+            if "rougeL" in r:
+                writer.add_scalar(f"eval/{name}/rougeL_f", r["rougeL"].get("fmeasure", 0.0), step)
+                for flag, count in r["flags"].items():
+                    writer.add_scalar(f"eval/{name}/flags/{flag}", count, step)
+                shown = [a for a in r["answers"] if "answer" in a][:SAMPLES_SHOWN]
+                writer.add_text(f"eval/{name}/answers", "\n\n---\n\n".join(_markdown(a) for a in shown), step)
+
+
+def _markdown(answer: dict) -> str:
+    flags = f"  \n*flags: {', '.join(answer['flags'])}*" if answer.get("flags") else ""
+    return f"**Q:** {answer['question']}  \n**A:** {answer['answer']}{flags}"
+
+
+class SampleAnswers(L.Callback):
+    """At every n-th validation (and before training: the base's answers), answers to a few fixed questions from the
+    model being trained, logged as TensorBoard text (`samples/<i>`). Greedy, safety layer applied.
+
+    Args:
+        questions: a few questions (each costs one batched generation of max_new_tokens per validation).
+        every_n_validations: log at validations n, 2n, ... (the one before training is always logged).
+        max_new_tokens: answer length; ~60 keeps it to seconds on a CPU.
+    """
+
+    def __init__(self, questions: list[str], every_n_validations: int = 1, max_new_tokens: int = 60):
+        self.questions, self.every = list(questions), max(1, every_n_validations)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens)
+        self.validations = 0
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validations += 1
+            if self.validations % self.every:
+                return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not trainer.is_global_zero or not self.questions or not hasattr(experiment, "add_text"):
+            return
+        # Generation seeds torch; keep the training RNG where it was so a run is the same with or without samples.
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            records = answer_batch(pl_module.model, trainer.datamodule.tokenizer, self.questions, self.sampling)
+        for i, record in enumerate(records):
+            text = _markdown(record) if "answer" in record else f"**Q:** {record['question']}  \n*{record['error']}*"
+            experiment.add_text(f"samples/{i}", text, trainer.global_step)
+
+    def state_dict(self):
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict):
+        self.validations = state_dict["validations"]
