@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import platform
+import sys
 import time
 from collections import Counter
 from functools import partial
@@ -66,8 +67,10 @@ def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling
     the references, the safety flags' counts, and every answer."""
     from torchmetrics.text.rouge import ROUGEScore
 
-    rouge, flags, answers = ROUGEScore(rouge_keys=("rougeL",)), Counter(), []
+    rouge, flags, answers, began = ROUGEScore(rouge_keys=("rougeL",)), Counter(), [], time.perf_counter()
     for start in range(0, len(records), batch_size):
+        print(f"  {model_name}{' + adapter' if adapter else ''}: {start}/{len(records)} answered "
+              f"({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)  # minutes per batch on a CPU
         chunk = records[start : start + batch_size]
         questions = [f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"] for r in chunk]
         for ref, out in zip(chunk, answer_batch(model, tokenizer, questions, sampling, model_name, adapter)):

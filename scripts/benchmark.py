@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,11 @@ def make_gemma_2b_random() -> str:
         config = GemmaConfig(**GEMMA_2B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
-        GemmaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".gemma-2b-random-", dir=out.parent))  # renamed when complete
+        GemmaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
     return str(out)
 
 
@@ -292,7 +296,7 @@ def main():
 
     if args.model == "gemma-2b-random":
         args.model = make_gemma_2b_random()
-    args.workdir = tempfile.mkdtemp(prefix="medassist-bench-")
+    args.workdir = tempfile.mkdtemp(prefix="medassist-bench-")  # the trained adapter, for the generation sides
     quants = ["int8", "none"] if args.quantization == "both" else [args.quantization]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
@@ -311,8 +315,8 @@ def main():
             loss_rel_diff=abs(ours["loss"] - base["loss"]) / base["loss"],
             same_batches=[t[:2] for t in ours["tokens"]] == [t[:2] for t in base["tokens"]],
             same_lora_init=abs(ours["lora_checksum"] - base["lora_checksum"]) < 1e-6 * base["lora_checksum"])
-    args.quant = quants[0]
     gen = dict(baseline=run_side(args, "gen-baseline", quants[0]), ours=run_side(args, "gen-ours", quants[0]))
+    shutil.rmtree(args.workdir, ignore_errors=True)
     gen["generate_speedup"] = gen["ours"]["tokens_per_s"] / gen["baseline"]["tokens_per_s"]
     gen["generate_speedup_cpu_time"] = gen["ours"]["tokens_per_cpu_s"] / gen["baseline"]["tokens_per_cpu_s"]
     gen["ttft_speedup"] = gen["baseline"]["ttft_s"] / gen["ours"]["ttft_s"]
@@ -332,7 +336,7 @@ def _cpu_name() -> str:
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{r['device']}, {r['threads']} threads; matmul peak bf16 {r['matmul_peak_gflops']['bf16']:.0f}, "
+    print(f"\n{r['device']}, {r['threads']} thread(s); matmul peak bf16 {r['matmul_peak_gflops']['bf16']:.0f}, "
           f"fp32 {r['matmul_peak_gflops']['fp32']:.0f} GFLOP/s; batch {r['batch_size']} x {r['seq_len']}, "
           f"{r['steps']} timed steps after {r['warmup']}")
     print(f"{'run':16} {'tok/s':>8} {'resp tok/s':>10} {'peak MB':>8} {'loss':>8} {'MFU':>6}")

@@ -95,7 +95,7 @@ def test_evaluate_script_compares_base_and_fine_tuned(tiny_model_dir, adapter, f
         events.Tags()["scalars"])
 
 
-def test_evaluate_script_base_alone_perplexity_only_and_bad_input(tiny_model_dir, files, tmp_path):
+def test_evaluate_script_base_alone_perplexity_only(tiny_model_dir, files, tmp_path):
     _, val = files
     result = run_script("--base-model", tiny_model_dir, "--data", val, "--max-new-tokens", 0,
                         "--output", tmp_path / "base.json", "--quantization", "none")
@@ -104,13 +104,21 @@ def test_evaluate_script_base_alone_perplexity_only_and_bad_input(tiny_model_dir
     assert list(report["results"]) == ["base"] and "rougeL" not in report["results"]["base"]
     assert report["examples"] == 11 and not (tmp_path / "base.png").exists()
 
+
+
+def test_evaluate_script_bad_input_is_a_clear_error(tiny_model_dir, files, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
-    result = run_script("--base-model", tiny_model_dir, "--data", bad, "--output", tmp_path / "x.json")
-    assert result.returncode == 2 and f"{bad}:2: missing 'output'" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
-    result = run_script("--adapter", tmp_path, "--data", val, "--output", tmp_path / "x.json")
-    assert result.returncode == 2 and "not a LoRA adapter directory" in result.stderr
+    out = str(tmp_path / "x.json")
+    assert script.main(["--base-model", str(tiny_model_dir), "--data", str(bad), "--output", out]) == 2
+    assert f"{bad}:2: missing 'output'" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert script.main(["--adapter", str(tmp_path), "--data", str(files[1]), "--output", out]) == 2
+    assert "not a LoRA adapter directory" in capsys.readouterr().err
 
 
 def test_sample_answers_logs_text_at_each_validation_without_touching_the_rng(tiny_model_dir, files, tmp_path):

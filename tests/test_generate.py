@@ -130,3 +130,14 @@ def test_lightning_predict_writes_jsonl(tiny_model_dir, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [list(r) for r in records] == [KEYS, KEYS]
     assert records[1]["answer"].startswith(safety.EMERGENCY_LINE)
+
+
+@pytest.mark.slow
+def test_predict_script_on_the_embedded_gemma_3_270m():
+    """The real pretrained model (no adapter: the base answers) through scripts/predict.py, safety included."""
+    result = run("scripts/predict.py", "--max-new-tokens", "16", "--json",
+                 "My mother's face is drooping and her speech is slurred right now")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout)
+    assert record["model"] == "embedded" and record["adapter"] is None
+    assert record["answer"].startswith(safety.EMERGENCY_LINE) and len(record["answer"]) > len(safety.EMERGENCY_LINE)
