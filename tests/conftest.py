@@ -59,3 +59,16 @@ def tiny_tokenizer(tiny_model_dir):
     from medassist.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter for the tiny model, saved by the real `save_adapter`, with non-zero B so it changes outputs."""
+    from medassist.model import MedAssistLM
+
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    module.configure_model()
+    for name, param in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return module.save_adapter(tmp_path_factory.mktemp("run") / "lora_adapter")

@@ -17,20 +17,6 @@ SHORT = Sampling(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    import torch
-
-    from medassist.model import MedAssistLM
-
-    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
-    module.configure_model()
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return module.save_adapter(tmp_path_factory.mktemp("run") / "lora_adapter")
-
-
-@pytest.fixture(scope="module")
 def assistant(adapter):
     return Assistant(adapter, sampling=SHORT)
 

@@ -15,18 +15,6 @@ from medassist.merge import main, merge
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    from medassist.model import MedAssistLM
-
-    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
-    module.configure_model()
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return module.save_adapter(tmp_path_factory.mktemp("run") / "lora_adapter")
-
-
 def test_merged_logits_equal_base_plus_adapter(adapter, tiny_model_dir, tiny_tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -73,20 +73,6 @@ def stop_server(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    import torch
-
-    from medassist.model import MedAssistLM
-
-    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
-    module.configure_model()
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return module.save_adapter(tmp_path_factory.mktemp("run") / "lora_adapter")
-
-
-@pytest.fixture(scope="module")
 def server(adapter, tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     proc, url = start_server(log, "--adapter", str(adapter), "--base-model", str(tiny_model_dir), "--api-key", KEY,
