@@ -196,6 +196,8 @@ def write_chart(results: dict, path: Path) -> Path:
                     width, label=n, color=colors[i])
     axes[2].set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(flags))], flags, rotation=30,
                        ha="right", fontsize=8)
+    most = max([results[n].get("flags", {}).get(f, 0) for n in names for f in flags] + [1])
+    axes[2].set_ylim(0, most * 1.15)  # counts: no negative axis when no flag fired
     axes[2].set_title("safety flags (answers)", fontsize=10)
     axes[2].legend()
     fig.tight_layout()
