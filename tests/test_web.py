@@ -10,12 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import test_serve
 from test_serve import start_server, stop_server
 
 from medassist import safety
-
-adapter = test_serve.adapter  # the same tiny-adapter fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
