@@ -317,10 +317,12 @@ class AdapterCheckpoint(L.Callback):
     """
 
     def __init__(self, monitor: str = "val/ppl"):
-        self.monitor, self.best = monitor, math.inf
+        self.monitor, self.best, self.validated_at = monitor, math.inf, None
 
     def on_validation_end(self, trainer, pl_module):
         value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None:
+            self.validated_at = trainer.global_step
         if trainer.sanity_checking or value is None or not value < self.best:
             return
         self.best = float(value)
@@ -331,6 +333,8 @@ class AdapterCheckpoint(L.Callback):
         path = self._save(trainer, pl_module, "lora_adapter", val_ppl=None if ppl is None else float(ppl))
         base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
         final = "n/a" if ppl is None else f"{float(ppl):.3f}"
+        if ppl is not None and self.validated_at not in (None, trainer.global_step):  # e.g. stopped by max_time
+            final += f" (measured at step {self.validated_at}; the adapter is from step {trainer.global_step})"
         rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
 
     @staticmethod
@@ -340,10 +344,10 @@ class AdapterCheckpoint(L.Callback):
         return pl_module.save_adapter(run / name, state, **extra) if trainer.is_global_zero else None
 
     def state_dict(self):
-        return {"best": self.best}
+        return {"best": self.best, "validated_at": self.validated_at}
 
     def load_state_dict(self, state_dict):
-        self.best = state_dict["best"]
+        self.best, self.validated_at = state_dict["best"], state_dict.get("validated_at")
 
 
 class CheckpointOnSigterm(L.Callback):

@@ -1,9 +1,14 @@
 """Safety layer for medassist: validates questions, screens them for red flags (emergency,
 crisis, dosing, diagnosis, prompt injection), guards generated text and composes the final
-answer with its fixed disclaimer. Plain text in, text out; all rules are the tables below."""
+answer with its fixed disclaimer. Plain text in, text out; the rules are the tables in
+medassist/safety_rules.py."""
 import re
 import unicodedata
 from dataclasses import dataclass
+
+from medassist.safety_rules import (ACCIDENT_CONTEXT, CONDITIONAL, CRISIS_RULES, DIAGNOSIS_RULES, DOSING_RULES,
+                                    EDUCATIONAL, EMERGENCY_ALWAYS, EMERGENCY_RULES, GUARD_RULES, INJECTION_RULES,
+                                    NOW, PAST, PERSONAL_NOW, CONTRACTIONS)
 
 DISCLAIMER = ("This information is educational and is not a diagnosis or medical advice. "
               "For advice about your own health, talk to a doctor, nurse or pharmacist.")
@@ -16,291 +21,10 @@ DECIDE_LINE = ("Only a doctor or pharmacist who knows your health history can de
 DIAGNOSIS_LINE = "I can't tell what is causing your symptoms; a doctor who can examine you can."
 
 SCREEN_FLAGS = ("emergency", "crisis", "dosing_request", "diagnosis_request", "prompt_injection")
-GUARD_FLAGS = ("dose_removed", "diagnosis_removed", "doctor_claim_removed")
+GUARD_FLAGS = ("dose_removed", "diagnosis_removed", "doctor_claim_removed", "contact_removed")
 CLOSING_LINES = (("dosing_request", DECIDE_LINE), ("diagnosis_request", DIAGNOSIS_LINE))
 # The code appends the disclaimer itself; an echo of it by the model is dropped so it is not shown twice.
 _DISCLAIMER_SENTENCES = frozenset(re.split(r"(?<=\.) ", DISCLAIMER))
-
-
-def _any(*alternatives: str) -> str:
-    return "(" + "|".join(alternatives) + ")"
-
-
-# ============================================================== rule tables
-# A rule is a tuple of regexes that must ALL match the normalised text (lowercase, straight
-# apostrophes, "cant"/"im"-style contractions restored). _S{0,n}: within the same sentence.
-_S = r"[^.?!;]"
-_NEG = r"(won't|will not|doesn't|does not|isn't|is not|not|can't|cannot)"
-_INFANT_AGE = (r"(\b([0-9]|1[0-2]|one|two|three|four|five|six|seven|eight|nine|ten) ?(day|week|wk)s?[- ]old"
-               r"|\b([0-2]|one|two) ?months?[- ]old|under (3|three) months)")
-_INFANT_FEVER = r"(fever|temp\w*|\b3[89]([.,]\d)?\b|\bhot\b|won't (feed|eat))"
-
-EMERGENCY_RULES = {
-    "chest_pain": (_any(r"\bche?st (pain|pressure|tight\w*|hurts?|heav\w*|discomfort)",
-                        r"che?st (is|feels) (tight|heavy|sore)",
-                        r"(pain|pressure|tightness|heaviness|discomfort) (in|on|across) (my|his|her|their|the) che?st"),
-                   r"(crush|squeez|sweat|\barm\b|jaw|\bback\b|shoulder|neck|breath|nause|faint|dizz)"),
-    "gripping_chest": (r"(crushing|squeezing|elephant|clutch\w*|grabb\w*)" + _S + "{0,30}che?st",),
-    "face_droop": (_any(r"(face|mouth|smile|lip)" + _S + r"{0,25}(droop\w*|sagg\w*|lopsided|uneven|crooked)",
-                        r"droop\w*" + _S + "{0,20}(face|mouth|one side)"),),
-    "speech": (_any(r"slurr\w*", r"(speech|words?) (is |are |came out |sound )?(slurred|jumbled|garbled)",
-                    r"(speech|words|talking|voice) (is |are |sounds? )?(weird|strange|funny|odd)",
-                    "trouble (speaking|talking)|suddenly can't (talk|speak)|mumbl|not making (any )?sense",
-                    "(can't|cannot) (talk|speak) (properly|clearly|right)"),),
-    "limb_weakness": (_any(r"(can't|cannot|unable to) (lift|move|raise|feel|use) (his|her|my|their|the) (\w+ )?"
-                           r"(arm|leg|hand|side|face)",
-                           r"(arm|leg|hand|side|face)" + _S + r"{0,30}(weak|numb|limp|dead)\b"),
-                      "(sudden|one side|(left|right) side|on the (left|right)|speech|confus|slur|droop"
-                      "|can't (talk|speak))"),
-    "confusion": (_any(r"sudden\w*" + _S + "{0,30}confus", r"confus\w*" + _S + "{0,30}sudden"),),
-    # Confusion with fever, fast breathing, heat or a head injury: sepsis, meningitis, heat stroke, bleeding.
-    "confused_and_ill": (r"confus", r"(fever|shiver|\bhot\b|breathing (really |very |so )?fast|stiff neck|rash|vomit"
-                                    r"|head (injury|knock|bump)|hit (his|her|my) head|heat|\bsun\b)"),
-    "head_injury": (r"(hit|bang\w*|bump\w*|fell on|knock\w*) (\w+ ){0,2}head",
-                    r"(passed out|knocked out|unconscious|vomit|confus|drowsy|seiz|won't wake|hard to wake)"),
-    "fast_breathing": (r"(breathing (really |very |so )?(fast|rapidly|quickly)|rapid breathing)",
-                       r"(vomit|confus|fruity|diabet|drowsy|sleepy|floppy|lips|blue)"),
-    "shock": (r"(clammy|cold (hands|feet|skin))", r"(vomit|bleed|faint|pale|confus|chest|dizz|breath)"),
-    "severe_belly_pain": (r"(severe|terrible|excruciating|unbearable|agoni[sz]ing|worst)" + _S
-                          + "{0,30}(belly|stomach|abdom|tummy|one side)",
-                          r"(vomit|faint|can't (stand|walk)|pregnan|blood|fever|rigid|hard as|dizz|collaps"
-                          r"|lower right)"),
-    "vision_loss": ("(lost|losing|loss of|lose|can't see|cannot see|went blind|gone blind)" + _S
-                    + "{0,30}(vision|sight|eye)", r"(sudden|one eye|left eye|right eye|ago|\bjust\b)"),
-    "airway_swelling": (_any(r"(throat|tongue)" + _S + r"{0,30}(swell\w*|swollen|clos\w*|tight\w*)",
-                             r"(swell\w*|swollen)" + _S + "{0,15}(throat|tongue)"),),
-    "allergy_signs": (r"(stung|sting|allerg|peanut|\bnuts?\b|shellfish|shrimp|\bbee\b|wasp|antibiotic|injection)",
-                      _any(r"(lips?|face|eyes?) (\w+ ){0,2}(is |are )?(swell\w*|swollen|puff\w*)",
-                           "wheez|faint|collaps")),
-    "bleeding": (_any(r"bleed\w*" + _S + "{0,40}" + _NEG + r" (\w+ )?stop", _NEG + r" (\w+ ){0,2}stop (the )?bleeding",
-                      "(bleeding|losing blood) (heavily|badly|a lot|profusely|everywhere|so much)",
-                      "blood (is )?(everywhere|spurting|pouring|gushing)", "(so much|lots of|a lot of) blood",
-                      "(pouring|gushing|spurting) (out|blood)", "soaked (through )?(the |a )?(towel|bandage)"),),
-    "breathing": (_any(r"(can't|cannot|can not|unable to) breathe?\b", "(struggling|fighting) to breathe",
-                       "gasping for (air|breath)|(trouble|difficulty|hard time) breathing|(hard|hardly) (to )?breathe",
-                       "(isn't|is not|not|wasn't|stopped|barely) breathing", "breathing (weird|strange|funny|oddly)",
-                       r"(lips?|face|fingers?|fingertips)" + _S + r"{0,20}\b(blue|bluish|purple|grey|gray)\b",
-                       r"(barely|hardly|can barely|can hardly) breathe?\b",
-                       "turning blue|blue lips|really short of breath|ribs (are )?sucking in",
-                       "inhaler (isn't|is not|not|doesn't) (working|helping)"),),
-    "seizure": (_any(r"seiz\w*" + _S + "{0,40}" + _NEG + " stop", r"\bseizing|convulsing",
-                     r"(seiz\w*|\bfit\b|convuls\w*)" + _S + "{0,40}(still going|still happening|hasn't stopped"
-                     "|not stopping)",
-                     r"seiz\w*" + _S + r"{0,30}(for|over|more than|longer than) (\d+|five|six|seven|ten|several) min",
-                     "(is|'s|are|been|keeps|keep) (still )?having (a )?(seizure|fit|convulsion)"),),
-    "poisoning": (_any(r"overdos\w*|poisoned", r"(swallow\w*|ate|eaten|drank|drunk|drinking|ingest\w*|got into)" + _S
-                       + "{0,40}(bleach|poison|antifreeze|washer fluid|detergent|cleaner|chemical|batter(y|ies)"
-                       "|pesticide|weed killer|lighter fluid|paint thinner)"),),
-    "too_many_pills": ("(took|taken|swallowed|ate|eaten|ingested|had|(going to|gonna|wants? to|plans? to|about to) "
-                       "(take|swallow))" + _S + "{0,40}(too many|too much|a lot of|a bunch of|a handful of"
-                       r"|all (of )?(my|the|his|her)|whole|entire|(bottle|packet|pack|box) of|\b\d{2,} )",
-                       r"(pill|tablet|meds\b|medic|paracetamol|acetaminophen|tylenol|ibuprofen|aspirin|sleeping"
-                       "|insulin|iron|vitamin|gummies|opioid|oxy|heroin|fentanyl)"),
-    "child_got_pills": (r"\b(\d+ ?(year|yr|month)s?[- ]old|toddler|baby|kid|child|son|daughter|little (boy|girl))",
-                        r"(swallowed|ate|eaten|got into|drank)" + _S + r"{0,30}(some|a few|several|a handful|all"
-                        r"|a bunch|lots|\w+'s|my|our|the)" + _S
-                        + "{0,20}(pills?|tablets?|medicine|meds|gummies|capsules?)"),
-    "infant_fever": ("newborn|" + _INFANT_AGE, _INFANT_FEVER),
-    "limp_child": (r"\b(baby|infant|newborn|toddler|child|kid|son|daughter|boy|girl)\b",
-                   r"\b(limp|floppy|not waking|won't wake|can't wake|unresponsive)\b"),
-    "thunderclap": (_any("worst headache|thunderclap", "headache" + _S + "{0,40}(exploded|explosion|out of nowhere)",
-                         r"sudden\w*,? (\w+,? )?(severe|excruciating|explosive|terrible|worst) headache",
-                         "headache" + _S + "{0,40}worst (\\w+ ){0,3}(of my life|ever)"),),
-    "unresponsive": (_any("unconscious|unresponsive|collapsed|passed out and|(hard|difficult|impossible) to wake",
-                          r"(?<!\bi )(isn't|is not|won't|will not|not) (waking|wake)\b"
-                          r"(?! (up )?(early|on time|refreshed|rested|in the))",
-                          r"(isn't|is not|not|won't) (responding|respond)\b(?! to)",
-                          "(can't|cannot|couldn't) wake (him|her|them|my|the)"),),
-    "blood_from_mouth": (_any(r"(cough|vomit|throw|puk|spit)\w* (up )?(bright red )?blood",
-                              "blood in (my|his|her) (vomit|sick)"),),
-    "burn": (_any("(severe|bad|big|large|deep|third[- ]degree|serious|huge) burns?", "on fire|caught fire",
-                  "burn" + _S + "{0,40}(white|charred|black|leathery|all over|big|large|huge|deep|severe)"),),
-    "choking": (r"(\bchoking\b(?! hazard)|choked on|stuck in (his|her|my|their) (throat|windpipe))",),
-    "having_event": (r"(i'm|i am|he's|he is|she's|she is|they're|\bis) (having|going through) (a |an )?"
-                     "(heart attack|stroke)",),
-}
-# A baby's exact age ("my 6 week old", "a 2 month old") marks a real case even in a question framing.
-EMERGENCY_ALWAYS = {"infant_age_fever": (_INFANT_AGE, _INFANT_FEVER)}
-
-CRISIS_RULES = {
-    "suicide": (_any(r"kill(ing)? (my|him|her|them)sel(f|ves)", r"take (my|his|her) own life|suicid\w*",
-                     "end(ing)? (it all|my life|my own life|his life|her life)",
-                     "want(s|ed)? to die|wanna die|no reason to live|wish i (was|were) dead",
-                     r"(feel like|thinking (of|about)|want to|going to|gonna) end(ing)? it\b(?! with)",
-                     r"(don't|do not|doesn't) want to (live|be alive|be here|go on|exist|wake up)\b"
-                     r"(?! (with|like|in|near|there))", "better off (if i was |if i were )?dead",
-                     r"(going to|gonna|wants? to|plans? to|about to|thinking (of|about)) (take|taking|swallow\w*) "
-                     r"(all|a whole|the whole|an entire|every)\b", r"overdos\w* on purpose"),),
-    "self_harm": (_any(r"(cut|cutting|burn|burning|hurt|hurting|harm|harming) (my|him|her|them)sel(f|ves)",
-                       r"(slit|slash\w*|cut|cutting) (my|his|her|their) wrists?",
-                       r"self[- ]harm\w*"),),
-}
-# Accidental injuries are not self-harm ("I cut myself while cooking").
-ACCIDENT_CONTEXT = (r"(\b(while|when) (cooking|chopping|shaving|slicing|opening|gardening|working)|by accident"
-                    r"|accidental|\bon (a|the|some) \w+|at the gym|paper cut|kitchen)")
-
-# Red-flag words in an educational framing ("what are the signs of ...") are not an
-# emergency unless the text also says something is happening to someone now.
-EDUCATIONAL = (r"(^(what|how|why|when|which|who|where|is|are|can|could|does|do|should|would|will|tell me|explain"
-               r"|describe|define|list)\b|signs of|symptoms of|warning signs|prevent|risk|\bcauses?\b|recogni[sz]e"
-               r"|first aid|difference between|treated|treatment|in general)")
-PERSONAL_NOW = _any(
-    r"\b(i|we)('m| am| are|'re|'ve| have| feel| felt| can't| cannot| just| think| got| took| keep| ate| drank"
-    r"| swallowed| started| been)\b",
-    r"\b(he|she)('s| is| are| has| have| can't| won't| isn't| keeps| just| suddenly| started| took| ate| drank"
-    r"| swallowed| said| says)\b",
-    r"\bmy (\w+ ){0,3}(is|are|'s|has|have|can't|won't|isn't|keeps|just|feels|hurts|started|suddenly|said|says|told)\b",
-    r"\b(his|her|the baby's) \w+ (is|are|has|keeps|won't|can't|isn't|went|feels|looks)\b",
-    r"\b(the|our|this) (baby|child|kid|boy|girl|man|woman|patient) (is|has|'s|can't|won't|isn't)\b",
-    r"\b(why (do|am|does|did) (i|my)|is it (normal|bad|serious|ok|okay|dangerous) (that|if|when|to) (i|my))\b",
-    r"\b(should (i|we) (be worried|worry|go|call|wait)|do (i|we) need to (go|call))\b",
-    r"\bwhat (do|should|can) (i|we) do\b(?! if (someone|somebody|a person|you|a child|a baby|an adult))",
-    r"\b(myself|my life|my own life|right now|rite now|now|currently|at the moment|ago|tonight|today|since"
-    r"|this (morning|afternoon|evening)|for the (last|past))\b")
-# Something that happened in the past ("overdosed last year") is not an emergency now,
-# unless the text also says it is happening now.
-PAST = (r"\b(last (year|month|week)|(\d+|a|one|two|three|few|several|many) (years?|months?) ago|in (19|20)\d\d"
-        r"|used to)\b")
-NOW = r"\b(right now|now|currently|today|tonight|this (morning|afternoon|evening)|minutes ago|just|again)\b"
-
-# Brand, generic and class names; suffixes catch many generics (amoxi-cillin, lisino-pril, ...).
-MEDICINE = (r"(\b(mg|mcg|ml|tablets?|pills?|capsules?|puffs?|drops?|doses?|dosage|medicines?"
-            r"|medications?|meds|drugs?|antibiotics?|antidepressants?|painkillers?|pain relievers?|steroids?|inhalers?"
-            r"|insulin|ibuprofen|paracetamol|acetaminophen|tylenol|advil|motrin|aspirin|naproxen|aleve|metformin"
-            r"|sertraline|zoloft|prozac|lexapro|benadryl|diphenhydramine|melatonin|prednisone|prednisolone|codeine"
-            r"|tramadol|morphine|adderall|xanax|valium|warfarin|levothyroxine|zyrtec|claritin|antihistamines?|vitamins?"
-            r"|supplements?|statins?|the pill|birth control|calpol|nurofen|panadol|creams?|ointments?|gels?|sprays?"
-            r"|syrups?|patch(es)?|shampoos?|lotions?|laxatives?|decongestants?|antacids?|antifungals?|antivirals?"
-            r"|hydrocortisone|folic acid|blood thinners?)\b"
-            r"|\b\w+(cillin|mycin|pril|sartan|olol|statin|azole|dipine|oxetine|pam|lam|codone|profen|xacin|cycline"
-            r"|gliptin|prazole|triptan|amide|izine|sone|olone|vir|tidine|afil|trexate|parin)\b)")
-_MED_CLASS = (r"(medicine|medication|meds|drug|antibiotic|pill|tablet|painkiller|antidepressant|syrup|cream|ointment"
-              r"|spray|drop|patch|inhaler)s?")
-# "how much ... should I take/use" asks for a dose whatever the product is called.
-_SUBJECT_TAKES = (r"\b(i|he|she|we|they|you|my \w+) (should |can |could |need to |have to |must |to )?(take|use|give"
-                  r"|put|apply|inject)\b")
-
-DOSING_RULES = {
-    "how_much": (r"how (much|many|often|frequently)|how many times", MEDICINE,
-                 r"(\b(should|can|could|may|safe|ok|okay|give|take|use|have|max\w*|dose)\b|too (much|many)"
-                 r"|for (a|an|my|his|her|him|me)\b|per day|a day|daily|at once)"),
-    "dose_words": (_any(r"what('s| is| are) (the |a )?(\w+ )?doses?\b", "(what|which) (dose|dosage|amount|strength)",
-                        "how long (should|can) (i|he|she) (take|stay on|use)",
-                        "(right|correct|safe|usual|normal|max|maximum|most) (dose|dosage|amount)"), MEDICINE),
-    "amount_to_take": ("(how (much|many|often|long)|what strength|how strong)" + _S + "{0,60}" + _SUBJECT_TAKES,),
-    "prescribe": (_any("prescribe (me|him|her|us|my|something)|prescription for (me|my)|can you prescribe",
-                       "(give|get|recommend|prescribe) me something (for|to)",
-                       "write (me |us )?(a |an )?(prescription|script|rx)",
-                       "(can i get|give me|get me|send me|i need|i want) (a |an )?(prescription|script|rx)"),),
-    "can_i_take": (r"(can|should|may|could|is it (ok|okay|safe|fine) (for (me|him|her|my \w+) )?to) "
-                   r"(i |we |he |she |my \w+ )?(just |still |safely )?(take|give|use|start|stop|skip|mix|combine)\b",
-                   MEDICINE),
-    "change": (_any("taper|wean|come off|coming off|get off|stop taking|quit taking|stop (my|his|her)",
-                    "start (taking|on)|switch (from|to|my)|change (from|my)|double (my|his|her|the|it|them)",
-                    r"(increase|decrease|lower|raise|halve|skip|up|bump up|reduce|cut|adjust) (my|his|her|the) (\w+ )?"
-                    r"(dose|dosage|insulin|pills?|tablets?|meds|medication)",
-                    "(take|give|use) (an? )?extra|extra (dose|puffs?|pills?|tablets?)"), MEDICINE),
-    "which_medicine": (_any(r"(what|which) (\w+ ){0,3}(and )?(dose|dosage)", "(tell|give) me (the |a )?(dose|dosage)",
-                            r"(what|which) (\w+ ){0,2}" + _MED_CLASS + r" (should|can|do|could|would) "
-                            r"(i|he|she|we|my \w+) (take|use|give|get)",
-                            r"(what|which) (?!(steps?|precautions?|measures?|actions?|care|things?|foods?)\b)"
-                            r"(\w+ ){1,3}(should|can|could|would) (i|he|she|we|my \w+) (take|use|give|put)",
-                            "what (should|can) (i|he|she|we) (take|give) (for|to)",
-                            r"(do|does) (i|we|he|she|my \w+) need (an? |some |to (take|start) )?" + _MED_CLASS,
-                            r"(recommend|suggest) (me )?(a |an |some |any )?(\w+ )?" + _MED_CLASS,
-                            _MED_CLASS + " (do|would|can|could) you (recommend|suggest)"),),
-    "can_take_amount": ("(can|should|may|is it (ok|okay|safe) to) (i |we |he |she )?(take|give|use)" + _S
-                        + r"{0,30}(\d|half|double|extra|two|more|another)", MEDICINE),
-    "named_amount": (_any(r"\d+([.,]\d+)? ?(mg|mcg|ml|units?|iu|tablets?|pills?|capsules?|puffs?)\b",
-                          r"\b(\d+|one|two|three|four|half an?|half) " + MEDICINE),
-                     r"(too much|too little|enough|safe|\bok\b|okay|alright|should|\bcan\b|right|correct|for me"
-                     r"|for my)"),
-}
-
-CONDITION = (r"(cancer\w*|tumou?r|melanoma|infect\w*|diabet\w*|shingles|chickenpox|measles|covid|strep|thyroid"
-             r"|flu(?! (shot|jab|vaccine))|arthritis|allerg\w*|asthma|pregnant|depress\w*|adhd|autis\w*|heart attack"
-             r"|stroke|hernia|blood clot|uti|ulcer|concussion|fracture|broken|sprain\w*|migraine|lupus|lyme|ringworm"
-             r"|eczema|psoriasis|herpes|hpv|hiv|std|sti|gout|an(a)?emi\w*|sleep apnea|ibs|c(o)?eliac|gallstones?"
-             r"|kidney stones?|cyst|\w+itis|food poisoning|pink eye|seizure|panic attack|vertigo|sciatica|lice|scabies"
-             r"|dementia|parkinson's|alzheimer's|a cold|stye|thrush|warts?|boils?|abscess|ha?emorrhoids|piles"
-             r"|cold sores?|mono|impetigo|hives|croup|colic|rsv|pneumonia|whooping cough|reflux|gerd|heartburn"
-             r"|anxiety|bipolar|ocd|ptsd|menopause|pcos|hypertension|intoleran\w*|\w+ (disease|syndrome|disorder)"
-             r"|\w+(?<!diagn)(?<!progn)osis|\w+oma)\b")
-DIAGNOSIS_RULES = {
-    "do_i_have": (r"(?<!\bi )(?<!\bwe )(?<!\byou )\b(do|does|did) (i |he |she |they |we |my (\w+ ){1,3}?)"
-                  r"(have|has|got)\b(?! to\b)",),
-    "is_it": (r"\b(is|was) (this |that |it |these |those |(my|his|her) (\w+ ){1,3}?)(a |an )?(\w+ ){0,2}?"
-              + CONDITION,),
-    "could_it_be": (r"\b(could|might|would|can|may) (this |that |it |these |those |(my|his|her) (\w+ ){1,3}?)be "
-                    r"(a |an )?(\w+ ){0,2}?" + CONDITION,),
-    "could_i_have": (r"\b(could|might|may) (i |he |she |we |my (\w+ ){1,3}?)(have|has|be having|be getting) "
-                     r"(a |an )?(\w+ ){0,2}?" + CONDITION,),
-    "what_is_it": (_any(r"what (is|'s) (this|it|that)( (rash|lump|bump|spot|mole|thing|pain|swelling|mark|growth"
-                        r"|bite))?\s*(\?|$)", "what could (this|it|that) be"),),
-    "whats_wrong": (_any("(what('s| is)|is (there )?(something|anything)) (wrong|going on) with (me|him|her|my|us)",
-                         "what('s| is| could be| might be) caus\\w* (my|his|her|this|these)",
-                         r"what (do you think |could |might )?(i|he|she|they|my \w+) (have|has|got)\b(?! to\b)",
-                         r"what (\w+ ){0,2}(do|does|could|might) (i|he|she|my \w+) have\b(?! to\b)"),),
-    "diagnose_me": (_any(r"diagnos\w* (me|him|her|my|us|this)|tell me what (i|he|she) (have|has|got)",
-                         r"\b(am|is) (i|he|she) (pregnant|diabetic|depressed|autistic|an(a)?emic)",
-                         "(could|might|can) (i|he|she) be (pregnant|diabetic)", "does (this|that|it) (sound|look) like",
-                         "does (this|that|it) mean (i|he|she) (have|has)"),),
-}
-
-INJECTION_RULES = {
-    "override": (_any(r"(ignore|disregard|forget|override|bypass) (all |any |the |your |my )*(previous |prior "
-                      r"|above |earlier |preceding |former |safety |system )*(instructions|rules|prompts?|guidelines"
-                      r"|directions|restrictions)", "developer mode|dan mode|jailbreak|system prompt",
-                      "(reveal|show|print|repeat) (me )?(your|the) (instructions|prompt|rules)"),),
-    "roleplay": (_any(r"you('re| are) now\b|pretend (to be|you are|you're)|as my (doctor|physician)|role ?play as",
-                      r"(act|acting|behave|respond|answer|speak) (as|like) (a|an|my|the) (\w+ )?(doctor|physician|nurse"
-                      "|pharmacist|gp|psychiatrist|surgeon|clinician)"),),
-    "no_disclaimer": (r"(don't|do not|no|without|skip|remove|omit|leave out|drop|stop|never) (\w+ ){0,2}"
-                      r"(the |any |a |your |that )?disclaimers?",),
-}
-
-# Rules for GENERATED text, applied sentence by sentence.
-_NUM = r"(\d+([.,]\d+)?( ?(-|–|to|or) ?\d+([.,]\d+)?)?|one|two|three|four|five|six|eight|ten|half|½)"
-_AMOUNT = (r"\b" + _NUM + r" ?-?(an? )?(mg|mcg|µg|micrograms?|milligrams?|ml|mls|millilit(re|er)s?|cc|units?|iu"
-           r"|tablets?|tabs?|pills?|capsules?|caps|puffs?|drops?|teaspoons?|tsp|tablespoons?|tbsp|sprays?|doses?"
-           r"|sachets?|lozenges?)\b")
-_SCHEDULE = (r"(every \d+( ?(-|to) ?\d+)? hours|\b\d+ times (a|per) day|twice (a |per )?(day|daily)|three times"
-             r"|once (a |per )?(day|daily)|at bedtime)")
-_PER_DAY = r"(\bdaily\b|\b(a|per|each) (day|week)\b)"
-_VERB = (r"\b(take|taking|took|use|using|give|giving|inject\w*|inhale|administer\w*|swallow|apply|chew"
-         r"|start(ed)? (on|with)|increase|decrease|double|dose|dosing|prescrib\w*|put|try|have)\b")
-GUARD_RULES = {
-    "dose_removed": {
-        "amount_with_verb": (_AMOUNT, _VERB),
-        "grams_with_verb": (r"\b" + _NUM + r" ?(g|grams?)\b", _VERB),
-        "amount_with_schedule": (_AMOUNT, _SCHEDULE + "|" + _PER_DAY),
-        "medicine_on_schedule": (MEDICINE, r"\b(take|use|give)\b", _SCHEDULE),
-    },
-    "diagnosis_removed": {
-        "you_have": (r"\byou (definitely |probably |most likely |clearly |likely |certainly |almost certainly )?"
-                     r"(have|'ve got|have got|are having|'re having) (a |an |the )?"
-                     r"(?!(higher |lower |greater |increased )?(risk|chance))(\w+ ){0,2}?" + CONDITION,),
-        "you_are": (r"\byou('re| are) (definitely |probably |clearly |likely )?(suffering from|diabetic|pregnant"
-                    r"|depressed)",),
-        "this_is": (_any(r"\b(this|that) (is|'s) (definitely|clearly|certainly)\b",
-                         r"\b(this|that|it)( is|'s) (probably|likely|most likely|almost certainly) (?!that )"
-                         r"(a |an )?(case of )?"
-                         r"(\w+ ){0,2}?(" + CONDITION + r"|\w+ (disease|syndrome|disorder))"),),
-        "sounds_like": (r"((sounds|looks|seems) like you (have|'ve got|are suffering)|i (can )?diagnose you"
-                        r"|your symptoms (indicate|mean|show|confirm)|my diagnosis)",),
-    },
-    "doctor_claim_removed": {
-        "claim": (_any(r"\bi('m| am) (a |an |your )(\w+ ){0,2}(doctor|physician|nurse|pharmacist|gp|psychiatrist"
-                       r"|clinician)", r"as your (doctor|physician|gp)(,| i\b)",
-                       r"\bi (will |can |'ll |am going to )?prescrib\w*",
-                       "i('m| am) prescribing|here is (your|a) prescription|my prescription"),),
-    },
-}
-# Conditional clauses ("if you have diabetes, ...") are not diagnoses of the reader.
-CONDITIONAL = r"\b(if|when|whether|unless|once|until|in case|those who|people who|anyone who|someone who)\b[^,;:]*"
-
-_CONTRACTIONS = {"cant": "can't", "wont": "won't", "isnt": "isn't", "doesnt": "doesn't", "dont": "don't",
-                 "didnt": "didn't", "im": "i'm", "ive": "i've", "hes": "he's", "shes": "she's", "theyre": "they're"}
 
 
 # ============================================================== questions
@@ -327,7 +51,7 @@ def validate_question(text: str, max_chars: int | None = None) -> str:
 def _normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'").replace("\u2018", "'")
     text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"\b\w+\b", lambda m: _CONTRACTIONS.get(m.group(), m.group()), text)
+    return re.sub(r"\b\w+\b", lambda m: CONTRACTIONS.get(m.group(), m.group()), text)
 
 
 def _all(patterns: tuple, text: str) -> bool:
@@ -429,8 +153,9 @@ class StreamGuard:
 
 
 def guard_answer(text: str) -> tuple[str, tuple[str, ...]]:
-    """Remove sentences with dose instructions, diagnoses of the reader or doctor/prescriber
-    claims from generated text. Returns (cleaned_text, flags in GUARD_FLAGS order)."""
+    """Remove sentences with dose instructions, diagnoses of the reader, doctor/prescriber claims or
+    (invented) phone numbers and e-mail addresses from generated text.
+    Returns (cleaned_text, flags in GUARD_FLAGS order)."""
     if not isinstance(text, str):
         raise ValueError(f"generated text must be a str, got {type(text).__name__}")
     guard = StreamGuard()

@@ -57,6 +57,7 @@ def test_fit_writes_adapter_small_checkpoints_config_and_scalars_then_resumes(ti
     for tag in ("train/loss", "val/loss", "val/ppl", "lr-AdamW", "train/tokens_per_s", "train/response_tokens_per_s"):
         assert tag in tags, (tag, sorted(tags))
     assert "validation perplexity: base" in result.stdout + result.stderr
+    assert "measured at step" not in result.stdout + result.stderr  # validated at the last step
 
     resumed = run_cli(*tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -64,6 +65,17 @@ def test_fit_writes_adapter_small_checkpoints_config_and_scalars_then_resumes(ti
     assert not (tmp_path / "runs" / "lora" / "version_1").exists()  # the same run continues
     assert torch.load(last, weights_only=False)["global_step"] == 8
     assert max(step for step, _ in scalars(run)["train/loss"]) >= 7
+
+
+def test_stopping_between_validations_says_which_step_the_perplexity_is_from(tiny_model_dir, tmp_path):
+    # what a run cut short by trainer.max_time (configs/medquad.yaml) looks like: last validation at step 2, stop at 3
+    result = run_cli(*tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_epochs", "-1", "--trainer.max_steps", "3",
+                                    "--trainer.val_check_interval", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(measured at step 2; the adapter is from step 3)" in result.stdout + result.stderr
+    run = tmp_path / "runs" / "lora" / "version_0"
+    assert json.loads((run / "lora_adapter" / "medassist.json").read_text())["step"] == 3
+    assert json.loads((run / "lora_adapter_best" / "medassist.json").read_text())["step"] == 2
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medassist import UserError, safety
-from medassist.generate import Assistant, Sampling, answer_batch, load_for_generation, stream_answer
+from medassist.generate import Assistant, Sampling, load_for_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["question", "answer", "disclaimer", "flags", "model", "adapter"]

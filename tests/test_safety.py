@@ -343,6 +343,11 @@ GUARD_EXACT = [
     ("Paragraph one.\n\nTake 2 tablets now.\n\nParagraph three.", "Paragraph one.\n\nParagraph three.",
      ("dose_removed",)),
     ("You have the flu. Take 2 tablets of paracetamol. Rest.", "Rest.", ("dose_removed", "diagnosis_removed")),
+    ("Asthma narrows the airways. For more information call 1-800-352-9424 or (301) 496-4000.",
+     "Asthma narrows the airways.", ("contact_removed",)),
+    ("Write to nhlbiinfo@nhlbi.nih.gov for leaflets. Flu shots are yearly. Call 1-800-FLU-SHOT today.",
+     "Flu shots are yearly.", ("contact_removed",)),
+    ("Contact the Information Center at 1-800-92-INFO (746-5369). Rest helps.", "Rest helps.", ("contact_removed",)),
 ]
 GUARD_KEEP = [
     "About 1 in 10 adults has diabetes.",
@@ -359,6 +364,10 @@ GUARD_KEEP = [
     "A fever is a temperature of 38 °C or higher.",
     "Children under 12 should not be given aspirin.",
     "It's probably a good idea to rest.",
+    "Between 2010-2015 about 1,250,000 people were treated.",
+    "Call 911 or 112 in an emergency.",
+    "In 2019, 1 850 people and 1-800 clinics took part.",
+    "See https://medlineplus.gov/asthma.html for more.",
 ]
 
 
