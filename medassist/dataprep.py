@@ -11,7 +11,6 @@ the whole source parsed. The checker lists bad lines, duplicates, overlap betwee
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
@@ -23,7 +22,7 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from medassist import UserError
+from medassist import UserError, replace_dir
 from medassist.data import MAX_ERRORS, collect_records, tokenize_example
 
 SPLITS = ("train", "validation", "test")
@@ -267,11 +266,7 @@ def write_splits(out: Path, splits: dict[str, list[dict]], summary: dict, overwr
                 with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (tmp / "import.json").write_text(json.dumps(summary, indent=2) + "\n")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -201,11 +201,14 @@ def load_for_generation(adapter: str | None = None, base_model: str | None = Non
     from medassist.loading import load_model, load_tokenizer
 
     meta = read_adapter_meta(adapter) if adapter else {}
-    template = meta.get("template", TEMPLATE_NAME)
-    if template != TEMPLATE_NAME and not allow_template_mismatch:
-        raise UserError(f"{adapter} was trained with prompt template {template!r}; this code uses {TEMPLATE_NAME!r}. "
-                        f"Use a matching medassist version, or pass --allow-template-mismatch to answer anyway")
     base_model = base_model or meta.get("base_model") or "embedded"
+    export = Path(base_model) / ADAPTER_META  # a directory written by `medassist merge` records its template too
+    for source, info in ((adapter, meta), (base_model, json.loads(export.read_text()) if export.is_file() else {})):
+        template = info.get("template", TEMPLATE_NAME)
+        if template != TEMPLATE_NAME and not allow_template_mismatch:
+            raise UserError(f"{source} was trained with prompt template {template!r}; this code uses "
+                            f"{TEMPLATE_NAME!r}. Use a matching medassist version, or pass --allow-template-mismatch "
+                            f"to answer anyway")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(base_model, quantization="none", precision=precision, device=device)
     tokenizer = load_tokenizer(base_model)

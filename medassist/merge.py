@@ -8,7 +8,6 @@ The directory holds safetensors, config, tokenizer, a generation config that sto
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medassist import UserError, __version__
+from medassist import UserError, __version__, replace_dir
 from medassist.generate import read_adapter_meta
 from medassist.prompts import END_OF_TURN, TEMPLATE_NAME, format_prompt
 
@@ -80,22 +79,11 @@ def merge(adapter: str, out: str, dtype: str = "bf16", base_model: str | None = 
         (tmp / "README.md").write_text(model_card(base, Path(adapter), dtype, meta))
         for f in tmp.iterdir():
             f.chmod(0o644)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed or killed merge leaves --out as it was
         raise
     return target
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing `target` (checked empty or --force) is moved aside first, then deleted."""
-    old = None
-    if target.exists() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)  # a rename: atomic, and it replaces an empty directory
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _training_data(adapter: Path) -> str:

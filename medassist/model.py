@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -18,11 +17,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric
 
-from medassist import UserError
+from medassist import UserError, replace_dir
 from medassist.data import IGNORE_INDEX
 from medassist.generate import ADAPTER_META, Sampling, answer_batch
 from medassist.loading import Precision, Quantization, load_model
@@ -275,7 +274,12 @@ class MedAssistLM(L.LightningModule):
         # FSDP's wrapper modules show in parameter names, not in state-dict keys
         trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl}
+        checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl, **self._data_layout()}
+
+    def _data_layout(self) -> dict:
+        """What the saved loader position is counted in: batches of this size on this many ranks."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return {"world_size": self.trainer.world_size, "batch_size": getattr(datamodule, "batch_size", None)}
 
     def on_load_checkpoint(self, checkpoint):
         if self._trainer is not None:  # say which state a resumed run continues from
@@ -286,6 +290,14 @@ class MedAssistLM(L.LightningModule):
         if meta.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
             raise UserError(f"checkpoint was trained with prompt template {meta['template']!r}, "
                             f"this code uses {TEMPLATE_NAME!r}; resume with the matching medassist version")
+        if self._trainer is not None and "world_size" in meta:
+            saved, now = (meta["world_size"], meta["batch_size"]), tuple(self._data_layout().values())
+            if saved != now:
+                rank_zero_warn(f"{self.trainer.ckpt_path} was written with {saved[0]} device(s) x batch {saved[1]}; "
+                               f"this run has {now[0]} x {now[1]}. The adapter and optimizer state are restored, but "
+                               f"the position in the current epoch counts batches of the old layout, so some of its "
+                               f"examples will be repeated or skipped. Resume with the same devices and batch size "
+                               f"for an exact continuation.")
 
     def save_adapter(self, directory: str | Path, state_dict: dict | None = None, **extra) -> Path:
         """Write the adapter in peft format (plus medassist.json) atomically: a kill never leaves half a directory.
@@ -302,11 +314,7 @@ class MedAssistLM(L.LightningModule):
         meta = {"template": TEMPLATE_NAME, "base_model": hp.base_model, "quantization": hp.quantization,
                 "precision": hp.precision, "step": self.global_step, **extra}
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
         return directory
 
 

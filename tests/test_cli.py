@@ -65,6 +65,12 @@ def test_fit_writes_adapter_small_checkpoints_config_and_scalars_then_resumes(ti
     assert not (tmp_path / "runs" / "lora" / "version_1").exists()  # the same run continues
     assert torch.load(last, weights_only=False)["global_step"] == 8
     assert max(step for step, _ in scalars(run)["train/loss"]) >= 7
+    assert "was written with" not in resumed.stderr  # same devices and batch size: an exact continuation
+
+    other_batch = run_cli(*tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last",
+                                         "--data.batch_size", "2"))
+    assert other_batch.returncode == 0, other_batch.stderr[-3000:]
+    assert "was written with 1 device(s) x batch 4; this run has 1 x 2" in other_batch.stderr
 
 
 def test_stopping_between_validations_says_which_step_the_perplexity_is_from(tiny_model_dir, tmp_path):

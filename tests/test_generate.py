@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,16 @@ def test_adapter_trained_on_another_template_is_refused(adapter, tmp_path):
         load_for_generation(str(other))
     with pytest.raises(UserError, match="not a LoRA adapter directory"):
         load_for_generation(str(tmp_path))
+
+
+def test_merged_export_on_another_template_is_refused(tiny_model_dir, tmp_path):
+    export = tmp_path / "export"  # what `medassist merge` writes: a model directory with medassist.json
+    shutil.copytree(tiny_model_dir, export)
+    (export / "medassist.json").write_text(json.dumps({"template": "alpaca-v0", "base_model": "embedded"}))
+    with pytest.raises(UserError, match=r"export was trained with prompt template 'alpaca-v0'"):
+        load_for_generation(None, str(export))
+    model, _, name = load_for_generation(None, str(export), allow_template_mismatch=True)
+    assert name == str(export) and not model.training
 
 
 def run(*args, **kwargs):

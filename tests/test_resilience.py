@@ -196,3 +196,53 @@ def test_read_only_filesystem_and_full_disk_are_reported(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="only 1 MiB free at .*; checkpoints need at least 512 MiB"):
         check_writable(tmp_path)
     assert not list(tmp_path.iterdir())  # the probe file is gone
+
+
+def _tree(path: Path) -> dict:
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_replace_dir_swaps_in_one_step_on_linux(tmp_path, monkeypatch):
+    from medassist import replace_dir
+
+    import ctypes
+    import os
+
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir(), b.mkdir()
+    if ctypes.CDLL(None, use_errno=True).renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:
+        pytest.skip(f"this filesystem refuses RENAME_EXCHANGE (errno {ctypes.get_errno()}); replace_dir falls back")
+    a.rmdir(), b.rmdir()
+    target, new = tmp_path / "lora_adapter", tmp_path / ".lora_adapter-tmp"
+    target.mkdir(), new.mkdir()
+    (target / "adapter.safetensors").write_text("old")
+    (new / "adapter.safetensors").write_text("new")
+    (new / "medassist.json").write_text("{}")
+
+    def two_step_rename(*args):  # the fallback's move-aside-then-rename has a moment without `target`
+        raise AssertionError("replace_dir used os.replace instead of one atomic exchange")
+
+    monkeypatch.setattr("os.replace", two_step_rename)
+    replace_dir(new, target)
+    assert _tree(target) == {"adapter.safetensors": "new", "medassist.json": "{}"}
+    assert [p.name for p in tmp_path.iterdir()] == ["lora_adapter"]  # the old content is deleted, nothing left over
+
+
+def test_replace_dir_falls_back_where_there_is_no_exchange(tmp_path, monkeypatch):
+    from medassist import replace_dir
+
+    def no_libc(*args, **kwargs):
+        raise OSError("no libc here")
+
+    monkeypatch.setattr("ctypes.CDLL", no_libc)
+    target, new = tmp_path / "out", tmp_path / ".out-tmp"
+    target.mkdir(), new.mkdir()
+    (target / "train.jsonl").write_text("old")
+    (new / "train.jsonl").write_text("new")
+    replace_dir(new, target)
+    assert _tree(target) == {"train.jsonl": "new"} and [p.name for p in tmp_path.iterdir()] == ["out"]
+    fresh = tmp_path / ".fresh-tmp"
+    fresh.mkdir()
+    replace_dir(fresh, tmp_path / "absent")  # no target yet: a plain rename
+    assert (tmp_path / "absent").is_dir() and not fresh.exists()
