@@ -278,6 +278,8 @@ class MedAssistLM(L.LightningModule):
 
     def _data_layout(self) -> dict:
         """What the saved loader position is counted in: batches of this size on this many ranks."""
+        if self._trainer is None:
+            return {}
         datamodule = getattr(self.trainer, "datamodule", None)
         return {"world_size": self.trainer.world_size, "batch_size": getattr(datamodule, "batch_size", None)}
 
