@@ -31,10 +31,14 @@ def read_records(path: str | Path) -> list[dict]:
     """
     numbered, errors = collect_records(path)
     if errors:
-        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(errors[0] if len(errors) == 1 else
-                        f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_ERRORS]) + more)
+        raise UserError(errors[0] if len(errors) == 1 else f"{len(errors)} bad line(s) in {path}:\n" + listed(errors))
     return [record for _, record in numbered]
+
+
+def listed(errors: list[str]) -> str:
+    """The first MAX_ERRORS problems, one per line, and how many more there are."""
+    more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+    return "\n".join(errors[:MAX_ERRORS]) + more
 
 
 def collect_records(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:

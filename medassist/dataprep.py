@@ -23,7 +23,7 @@ from itertools import combinations
 from pathlib import Path
 
 from medassist import UserError, replace_dir
-from medassist.data import MAX_ERRORS, collect_records, tokenize_example
+from medassist.data import MAX_ERRORS, collect_records, listed, tokenize_example
 
 SPLITS = ("train", "validation", "test")
 NEAR = "equal after Unicode NFKC, lower-casing, and dropping punctuation and extra whitespace"
@@ -208,9 +208,7 @@ def _json_items(path: Path) -> list[tuple[str, object]]:
 
 def _raise_all(errors: list[str], source) -> None:
     if errors:
-        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(f"{len(errors)} problem(s) in {source}; nothing was written:\n"
-                        + "\n".join(errors[:MAX_ERRORS]) + more)
+        raise UserError(f"{len(errors)} problem(s) in {source}; nothing was written:\n" + listed(errors))
 
 
 # ---- import: deduplicate, split by topic, write atomically ------------------------------------------------------
