@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from medassist import UserError
+from medassist.records import read_questions  # noqa: F401 (re-exported: the predict loader uses it)
 from medassist.prompts import END_OF_TURN, MODEL, format_prompt
 
 log = logging.getLogger(__name__)
@@ -68,39 +69,6 @@ def collect_records(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]
     if not records and not errors:
         errors.append(f"{path}: no records; expected one JSON object per line with 'instruction' and 'output'")
     return records, errors
-
-
-def read_questions(path: str | Path) -> list[dict]:
-    """Questions for prediction, one JSON object per line with "question" (or "instruction", plus optional "input").
-
-    Returns one dict per non-blank line, in order: {"question": text, "line": n}, or {"line": n, "error": "file:line:
-    what is wrong"} for a bad line, so the other lines can still be answered. A missing or non-UTF-8 file raises.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; expected JSONL with one {{\"question\": ...}} per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
-    out = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            out.append({"line": line_no, "error": f"{path}:{line_no}: not valid JSON ({e.msg})"})
-            continue
-        question = record.get("question", record.get("instruction")) if isinstance(record, dict) else None
-        if not isinstance(question, str) or not question.strip():
-            out.append({"line": line_no, "error": f"{path}:{line_no}: needs a non-empty string 'question'"})
-            continue
-        extra = record.get("input") or ""
-        out.append({"line": line_no, "question": f"{question.strip()}\n\n{extra.strip()}" if extra else question})
-    if not out:
-        raise UserError(f"{path}: no questions; expected one {{\"question\": ...}} per line")
-    return out
 
 
 def _check_line(line: str) -> tuple[str | None, dict | None]:

@@ -18,7 +18,7 @@ import torch
 
 from medassist import UserError, safety
 from medassist.data import encode_prompt
-from medassist.prompts import END_OF_TURN, TEMPLATE_NAME
+from medassist.prompts import END_OF_TURN, START_OF_TURN, TEMPLATE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,20 @@ class Sampling:
 
 def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, repetition_penalty=sampling.repetition_penalty,
-                  eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)],
+                  eos_token_id=stop_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
     if sampling.temperature > 0:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Generation ends at the end of the model's turn and at any turn marker: a small model that goes on with
+    "<start_of_turn>model ..." would otherwise leak a made-up next turn into the answer."""
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN, START_OF_TURN)]
+    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
 def prompt_ids(tokenizer, question: str, context_length: int, max_new_tokens: int) -> list[int]:
@@ -92,10 +99,15 @@ def answer_batch(model, tokenizer, questions: list[str], sampling: Sampling | No
         except ValueError as e:
             record["error"] = str(e)
         records.append(record)
-    if todo:
-        generated = generate_texts(model, tokenizer, [text for _, text in todo], sampling)
-        for (record, text), raw in zip(todo, generated):
-            record.update(safety.compose(safety.screen_question(text), raw))
+    screenings = safety.screen_texts([text for _, text in todo])  # one batched pass of the triage model
+    for (record, _), screening in zip(todo, screenings):
+        if screening.urgent:  # escalation + vetted guidance only: nothing generated may follow it
+            record.update(safety.compose(screening, ""))
+    rest = [(record, text, s) for (record, text), s in zip(todo, screenings) if not s.urgent]
+    if rest:
+        generated = generate_texts(model, tokenizer, [text for _, text, _ in rest], sampling)
+        for (record, _, screening), raw in zip(rest, generated):
+            record.update(safety.compose(screening, raw))
     return [_ordered(r) for r in records]
 
 
@@ -104,15 +116,26 @@ def _ordered(record: dict) -> dict:
     return {k: record[k] for k in keys if k in record}
 
 
+def fixed_answer(screening, question: str, model_name: str = "", adapter: str | None = None) -> Iterator[str | dict]:
+    """The stream of an emergency or crisis answer: escalation, vetted guidance, closing lines, disclaimer, record.
+    No model runs, so it is shown at once, even when the server is busy generating for others."""
+    record = {"question": question, **safety.compose(screening, ""), "model": model_name, "adapter": adapter}
+    paragraphs = record["answer"].split("\n\n")
+    yield paragraphs[0]  # the escalation alone first: the web page shows it as its banner
+    for paragraph in paragraphs[1:] + [record["disclaimer"]]:
+        yield "\n\n" + paragraph
+    yield _ordered(record)
+
+
 def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = None,
                   model_name: str = "", adapter: str | None = None,
-                  stop: threading.Event | None = None) -> Iterator[str | dict]:
+                  stop: threading.Event | None = None, screening=None) -> Iterator[str | dict]:
     """Yield the answer as it is generated (str pieces, already through the safety guard), then the record (dict).
 
     The emergency/crisis lines come first, before any generated text; the closing lines and the disclaimer last.
     The pieces joined equal record["answer"] + "\\n\\n" + record["disclaimer"].
     Setting `stop` (the server does when its client disconnects) or closing the iterator ends generation after the
-    current token.
+    current token. `screening`: the caller's (the server screens the whole conversation before queueing).
     """
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -123,7 +146,10 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     sampling = sampling or Sampling()
     text = safety.validate_question(question)
     ids = prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
-    screening = safety.screen_question(text)
+    screening = screening or safety.screen_question(text)
+    if screening.urgent:
+        yield from fixed_answer(screening, question, model_name, adapter)
+        return
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = torch.tensor([ids], device=model.device)
     stop = stop or threading.Event()
@@ -143,7 +169,7 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
-    guard, generated, first = safety.StreamGuard(), [], True
+    guard, generated, first = safety.stream_guard(screening), [], True
     try:
         if screening.preface:
             yield screening.preface

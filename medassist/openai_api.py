@@ -99,10 +99,8 @@ def parse_chat(body: bytes, limits: Limits, defaults: Sampling) -> tuple[ChatReq
     if not users:
         raise ApiError(400, "messages has no message with role 'user'; the last user message is the question",
                        "messages")
-    content = users[-1].content
-    text = content if isinstance(content, str) else "\n".join(part.text for part in content or [])
     try:
-        question = safety.validate_question(text)
+        question = safety.validate_question(_text(users[-1]))
     except ValueError as e:
         raise ApiError(400, f"last user message: {e}", "messages") from None
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens
@@ -115,6 +113,17 @@ def parse_chat(body: bytes, limits: Limits, defaults: Sampling) -> tuple[ChatReq
     sampling = replace(defaults, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
                        top_p=defaults.top_p if request.top_p is None else request.top_p)
     return request, question, sampling
+
+
+def _text(message: Message) -> str:
+    content = message.content
+    return content if isinstance(content, str) else "\n".join(part.text for part in content or [])
+
+
+def user_turns(request: ChatRequest) -> list[dict]:
+    """The conversation's user and assistant turns as {"role", "content"}: what the safety screen reads (system
+    and developer messages are the client's instructions, not what the person said)."""
+    return [{"role": m.role, "content": _text(m)} for m in request.messages if m.role in ("user", "assistant")]
 
 
 def chunk(rid: str, created: int, model: str, delta: dict | None, finish: str | None = None, **extra) -> str:

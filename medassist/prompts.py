@@ -8,8 +8,9 @@ TEMPLATE_NAME = "gemma-turn-v1"  # change the name whenever the strings below ch
 
 # Gemma's chat turn markers. They are single tokens in every Gemma tokenizer (gemma-2b, gemma-3-270m), so the
 # pretrained base and the fine-tune agree on where a turn ends.
-USER = "<start_of_turn>user\n"
-MODEL = "<start_of_turn>model\n"
+START_OF_TURN = "<start_of_turn>"
+USER = START_OF_TURN + "user\n"
+MODEL = START_OF_TURN + "model\n"
 END_OF_TURN = "<end_of_turn>"
 
 

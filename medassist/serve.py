@@ -28,8 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from medassist import UserError, safety
-from medassist.generate import Sampling, context_length, load_for_generation, prompt_ids, stream_answer
-from medassist.openai_api import ApiError, Limits, chunk, fields, parse_chat
+from medassist.generate import (Sampling, context_length, fixed_answer, load_for_generation, prompt_ids,
+                                stream_answer)
+from medassist.openai_api import ApiError, Limits, chunk, fields, parse_chat, user_turns
 
 log = logging.getLogger("medassist.serve")
 
@@ -41,8 +42,8 @@ _DONE = object()
 class Job:
     """One request's generation: pieces travel from the worker thread to the request's event loop."""
 
-    def __init__(self, question: str, sampling: Sampling):
-        self.question, self.sampling = question, sampling
+    def __init__(self, question: str, sampling: Sampling, screening=None):
+        self.question, self.sampling, self.screening = question, sampling, screening
         self.stop = threading.Event()  # set when the client goes away: generation ends after the current token
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -101,7 +102,8 @@ def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *,
             if job.stop.is_set():  # the client left while queued
                 stopped[0] += 1
                 return
-            for item in stream_answer(model, tokenizer, job.question, job.sampling, model_name, adapter, job.stop):
+            for item in stream_answer(model, tokenizer, job.question, job.sampling, model_name, adapter, job.stop,
+                                      job.screening):
                 job.put(item)
             stopped[0] += job.stop.is_set()  # before _DONE: a client that got everything has not set it yet
         except Exception as e:  # a bug or an out-of-memory: this request fails, the server goes on
@@ -170,16 +172,24 @@ def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *,
             n_prompt = len(prompt_ids(tokenizer, question, context_length(model), sampling.max_new_tokens))
         except UserError as e:
             raise ApiError(400, f"last user message: {e}", "messages") from None
-        with busy_lock:
-            full = busy[0] >= limits.max_queue
-            busy[0] += not full  # generate() gives the slot back
-        if full:
-            raise ApiError(503, f"server busy: {limits.max_queue} requests are already waiting; retry shortly",
-                           kind="server_busy")
-        job = Job(question, sampling)
-        worker.submit(generate, job)
+        # Screened before the queue, over the conversation's latest user turns: an emergency gets its escalation
+        # at once, however many answers are being generated for others.
+        screening = await asyncio.to_thread(safety.screen_conversation, user_turns(req))
+        job = Job(question, sampling, screening)
+        if screening.urgent:
+            for item in fixed_answer(screening, question, model_name, adapter):
+                job.put(item)
+            job.put(_DONE)
+        else:
+            with busy_lock:
+                full = busy[0] >= limits.max_queue
+                busy[0] += not full  # generate() gives the slot back
+            if full:
+                raise ApiError(503, f"server busy: {limits.max_queue} requests are already waiting; retry shortly",
+                               kind="server_busy")
+            worker.submit(generate, job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        flags = list(safety.screen_question(question).flags)  # known before any token: the page shows a banner
+        flags = list(screening.flags)  # known before any token: the page shows a banner
 
         def usage(content: str) -> dict:
             n_out = len(tokenizer(content, add_special_tokens=False)["input_ids"])
@@ -280,6 +290,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"medassist serve: error: {e}", file=sys.stderr)
         return 2
+    safety.screen_question("What is asthma?")  # loads the triage model now, not during the first request
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)
     app = create_app(model, tokenizer, name, args.adapter, api_key=args.api_key, limits=limits, sampling=sampling,

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from medassist import UserError, safety  # noqa: E402
-from medassist.data import read_questions  # noqa: E402
+from medassist.records import read_questions  # noqa: E402
 from medassist.generate import Assistant, Sampling, write_jsonl_atomic  # noqa: E402
 
 

@@ -120,13 +120,23 @@ def test_streaming_answer_ends_with_disclaimer_and_emergency_line_comes_first(cl
 
 
 def test_only_the_last_user_message_is_answered_and_unknown_fields_are_ignored(server):
-    body = {"model": "anything", "messages": [{"role": "user", "content": EMERGENCY},
+    body = {"model": "anything", "messages": [{"role": "user", "content": "How much ibuprofen can I take?"},
                                               {"role": "assistant", "content": "..."},
                                               {"role": "user", "content": [{"type": "text", "text": "What is flu?"}]}],
             "user": "someone", "frequency_penalty": 0.5, "logit_bias": {}, "max_tokens": 4}
     status, _, raw = call(server, "POST", "/v1/chat/completions", body, AUTH)
     assert status == 200, raw
-    assert json.loads(raw)["medassist"]["flags"] == []  # the earlier emergency turn is not the question
+    assert json.loads(raw)["medassist"]["flags"] == ["dosing_request"]  # screened with the turn before it
+
+
+def test_an_emergency_said_a_turn_ago_still_escalates_the_follow_up(server):
+    body = {"messages": [{"role": "user", "content": EMERGENCY}, {"role": "assistant", "content": "..."},
+                         {"role": "user", "content": "what should I do now?"}]}
+    status, _, raw = call(server, "POST", "/v1/chat/completions", body, AUTH)
+    assert status == 200, raw
+    reply = json.loads(raw)
+    assert "emergency" in reply["medassist"]["flags"]
+    assert reply["choices"][0]["message"]["content"].startswith(safety.EMERGENCY_LINE)
 
 
 def test_seed_makes_sampled_answers_repeatable(client):

