@@ -60,7 +60,7 @@ class MedAssistCLI(LightningCLI):
 
     def predict(self, model, datamodule, ckpt_path=None, **kwargs):
         """Lightning's predict loop, then the answer records written to data.predict_output as JSONL."""
-        from medassist.generate import write_jsonl_atomic
+        from medassist.files import write_jsonl_atomic
 
         batches = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
         records = [record for batch in batches for record in batch]

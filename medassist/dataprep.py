@@ -22,7 +22,8 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from medassist import UserError, replace_dir
+from medassist import UserError
+from medassist.files import replace_dir
 from medassist.data import MAX_ERRORS, collect_records, listed, tokenize_example
 
 SPLITS = ("train", "validation", "test")

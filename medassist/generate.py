@@ -7,8 +7,6 @@ Every record is {"question", "answer", "disclaimer", "flags", "model", "adapter"
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,12 +15,11 @@ from typing import Iterator
 import torch
 
 from medassist import UserError, safety
+from medassist.files import ADAPTER_META
 from medassist.data import encode_prompt
 from medassist.prompts import END_OF_TURN, START_OF_TURN, TEMPLATE_NAME
 
 log = logging.getLogger(__name__)
-
-ADAPTER_META = "medassist.json"  # written by MedAssistLM.save_adapter beside the peft files
 
 
 @dataclass
@@ -194,17 +191,6 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
               "model": model_name, "adapter": adapter}
     yield "\n\n" + record["disclaimer"]
     yield _ordered(record)
-
-
-def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
-    """All lines or nothing: write a temporary file beside `path`, then rename it over `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
 
 
 def read_adapter_meta(adapter: str | Path) -> dict:

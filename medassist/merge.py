@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from medassist import UserError, __version__, replace_dir
+from medassist import UserError, __version__
+from medassist.files import replace_dir
 from medassist.generate import read_adapter_meta
 from medassist.prompts import END_OF_TURN, TEMPLATE_NAME, format_prompt
 

@@ -21,9 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric
 
-from medassist import UserError, replace_dir
+from medassist import UserError
+from medassist.files import ADAPTER_META, replace_dir
 from medassist.data import IGNORE_INDEX
-from medassist.generate import ADAPTER_META, Sampling, answer_batch
+from medassist.generate import Sampling, answer_batch
 from medassist.loading import Precision, Quantization, load_model
 from medassist.prompts import TEMPLATE_NAME
 

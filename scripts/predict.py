@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from medassist import UserError, safety  # noqa: E402
 from medassist.records import read_questions  # noqa: E402
-from medassist.generate import Assistant, Sampling, write_jsonl_atomic  # noqa: E402
+from medassist.files import write_jsonl_atomic  # noqa: E402
+from medassist.generate import Assistant, Sampling  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -204,7 +204,7 @@ def _tree(path: Path) -> dict:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
 def test_replace_dir_swaps_in_one_step_on_linux(tmp_path, monkeypatch):
-    from medassist import replace_dir
+    from medassist.files import replace_dir
 
     import ctypes
     import os
@@ -230,7 +230,7 @@ def test_replace_dir_swaps_in_one_step_on_linux(tmp_path, monkeypatch):
 
 
 def test_replace_dir_falls_back_where_there_is_no_exchange(tmp_path, monkeypatch):
-    from medassist import replace_dir
+    from medassist.files import replace_dir
 
     def no_libc(*args, **kwargs):
         raise OSError("no libc here")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medassist import replace_dir
+from medassist.files import replace_dir
 from medassist.safety.labelled import read_labelled, read_many, score
 from medassist.safety.lines import SCREEN_FLAGS
 from medassist.safety.screen import rule_flags
