@@ -18,7 +18,7 @@ import torch
 from medassist import UserError, __version__
 from medassist.files import replace_dir
 from medassist.generate import read_adapter_meta
-from medassist.prompts import END_OF_TURN, TEMPLATE_NAME, format_prompt
+from medassist.prompts import STOP_TOKENS, TEMPLATE_NAME, check_template, format_prompt, stop_ids
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,19 +52,19 @@ def merge(adapter: str, out: str, dtype: str = "bf16", base_model: str | None = 
     if problems := check(adapter, out, force):
         raise UserError("; ".join(problems))
     meta = read_adapter_meta(adapter)
-    template = meta.get("template", TEMPLATE_NAME)
-    if template != TEMPLATE_NAME and not allow_template_mismatch:
-        raise UserError(f"{adapter} was trained with prompt template {template!r}; this code uses {TEMPLATE_NAME!r}. "
-                        f"Merge with a matching medassist version, or pass --allow-template-mismatch")
+    if not allow_template_mismatch:
+        check_template(meta.get("template"), adapter, "Merge with a matching medassist version, or pass "
+                                                      "--allow-template-mismatch")
     base = base_model or meta.get("base_model") or "embedded"
-    # Never merge into 8-bit weights (LESSONS 13): the rounding would swallow most of the adapter's update. Merge
-    # in fp32, then cast once, so bf16 output rounds the merged weight and not each term.
+    # Never merge into 8-bit weights: the adapter's update is far smaller than an int8 step, so rounding the merged
+    # weight back to int8 would swallow most of it. Merge in fp32, then cast once, so bf16 output rounds the merged
+    # weight and not each term.
     model = load_model(base, quantization="none", precision="fp32", device="cpu")
     tokenizer = load_tokenizer(base)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(DTYPES[dtype])
     merged.config.use_cache = True  # load_model turns it off for training
     gen = merged.generation_config
-    gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    gen.eos_token_id = stop_ids(tokenizer)  # where medassist's own generation stops
     gen.pad_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
 
     target = Path(out)
@@ -103,6 +103,8 @@ def _training_data(adapter: Path) -> str:
 def model_card(base: str, adapter: Path, dtype: str, meta: dict) -> str:
     lora = json.loads((adapter / "adapter_config.json").read_text())
     prompt = format_prompt("{question}").replace("\n", "\\n")
+    example = format_prompt("What is asthma?").replace("\n", "\\n")  # as a Python string literal in the card
+    stops = " or ".join(f"`{t}`" for t in (*STOP_TOKENS, "<eos>"))
     trained_on = {"int8": "an 8-bit", "nf4": "a 4-bit NF4"}.get(meta.get("quantization"), "an unquantized")
     return f"""---
 library_name: transformers
@@ -120,7 +122,7 @@ adapter folded into the weights by `python -m medassist merge` (medassist {__ver
 - **Training data:** {_training_data(adapter)}
 - **Prompt template:** `{TEMPLATE_NAME}` (also in `medassist.json`): one user turn, exactly
   `{prompt}` after the `<bos>` token. Earlier turns were never seen in training.
-- **Stop:** generation ends at `<end_of_turn>` or `<eos>` (`generation_config.json`).
+- **Stop:** generation ends at {stops} (`generation_config.json`).
 
 ## The safety layer is NOT part of these weights
 
@@ -140,7 +142,7 @@ for decisions about anyone's care.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("<this directory>")
 model = AutoModelForCausalLM.from_pretrained("<this directory>")
-prompt = "<start_of_turn>user\\nWhat is asthma?<end_of_turn>\\n<start_of_turn>model\\n"
+prompt = "{example}"
 ids = tokenizer(prompt, return_tensors="pt")  # adds <bos>
 print(tokenizer.decode(model.generate(**ids, max_new_tokens=200)[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
 ```
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     try:
         out = merge(args.adapter, args.out, args.dtype, args.base_model, args.force, args.allow_template_mismatch)
     except UserError as e:
-        print(f"medassist merge: error: {e}", file=sys.stderr)
+        print(e.line("merge"), file=sys.stderr)
         return 2
     print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained, or serve it with "
           f"`python -m medassist serve --base-model {out}`)", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from medassist.merge import main, merge
+from medassist.prompts import TEMPLATE_NAME, encode_prompt, format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,6 @@ def test_merged_logits_equal_base_plus_adapter(adapter, tiny_model_dir, tiny_tok
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medassist.data import encode_prompt
     from medassist.loading import load_model
 
     out = merge(str(adapter), str(tmp_path / "merged"), dtype="fp32")
@@ -46,7 +46,8 @@ def test_cli_writes_a_directory_that_plain_transformers_loads_in_a_fresh_process
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
     card = (out / "README.md").read_text()
     assert "NOT part of these weights" in card and "medassist serve" in card and str(adapter) in card
-    assert json.loads((out / "medassist.json").read_text())["template"] == "gemma-turn-v1"
+    assert json.loads((out / "medassist.json").read_text())["template"] == TEMPLATE_NAME
+    assert format_prompt("What is asthma?").replace("\n", "\\n") in card  # the raw-use example: our template
 
     # Only transformers in the fresh process: nothing from medassist is needed to load the export.
     code = """
