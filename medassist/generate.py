@@ -2,13 +2,15 @@
 
 One path for every caller (scripts/predict.py, `python -m medassist predict`, the server, the evaluator):
 `answer_batch` / `stream_answer` take any causal LM + tokenizer; `Assistant` loads a base (+ adapter) for them.
-Every record is {"question", "answer", "disclaimer", "flags", "model", "adapter"}.
+Every record is a records.AnswerRecord: {"question", "answer", "disclaimer", "flags", "model", "adapter"}.
+No Lightning and no training module: the server imports this.
 """
 
 import json
 import logging
 import threading
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -16,21 +18,47 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
-from medassist.data import encode_prompt
-from medassist.prompts import END_OF_TURN, START_OF_TURN, TEMPLATE_NAME
+from medassist.prompts import check_template, encode_prompt, stop_ids
+from medassist.records import AnswerRecord, answer_record, error_record
+from medassist.sampling import Sampling
+
+__all__ = ["Assistant", "Outcome", "Sampling", "answer_batch", "fixed_answer", "load_for_generation",
+           "stream_answer"]  # Sampling: re-exported for the callers that take it from here
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Sampling:
-    """Decoding settings. temperature 0 = greedy (reproducible); repetition_penalty > 1 stops small models looping."""
+class Outcome:
+    """How a streamed answer ended: tokens the model generated (0 for a fixed answer), and "length" when
+    max_new_tokens cut it, else "stop" (its end of turn, a stop string, or no generation at all)."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    seed: int = 0
+    tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class _StopAt:
+    """Ends the text at the first of `stops` (OpenAI's `stop`: the stop string itself is not shown). Text that may be
+    the start of a stop string is held back until the next piece says whether it is."""
+
+    def __init__(self, stops=()):
+        self.stops, self.held, self.hit = [s for s in stops if s], "", False
+
+    def feed(self, piece: str) -> str:
+        if self.hit or not self.stops:
+            return "" if self.hit else piece
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self.held = True, ""
+            return text[: min(found)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def close(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
@@ -42,13 +70,6 @@ def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """Generation ends at the end of the model's turn and at any turn marker: a small model that goes on with
-    "<start_of_turn>model ..." would otherwise leak a made-up next turn into the answer."""
-    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN, START_OF_TURN)]
-    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
 def prompt_ids(tokenizer, question: str, context_length: int, max_new_tokens: int) -> list[int]:
@@ -67,7 +88,10 @@ def context_length(model) -> int:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, questions: list[str], sampling: Sampling) -> list[str]:
-    """Raw generated answers for already validated questions, batched with left padding (LESSONS 4)."""
+    """Raw generated answers for already validated questions, batched.
+
+    Left padding: a decoder continues from each row's last position, so every row's prompt must end there; with
+    right padding the shorter prompts would continue after their pad tokens."""
     rows = [prompt_ids(tokenizer, q, context_length(model), sampling.max_new_tokens) for q in questions]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -86,91 +110,110 @@ def answer_batch(model, tokenizer, questions: list[str], sampling: Sampling | No
     """Records for `questions`, in order. A bad question gets a record with an "error" and no answer; the others
     are still answered."""
     sampling = sampling or Sampling()
-    records, todo = [], []
+    records: list[AnswerRecord | None] = []
+    todo = []  # (index in records, validated text)
     for question in questions:
-        record = {"question": question, "model": model_name, "adapter": adapter}
         try:
             text = safety.validate_question(question)
             prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
-            todo.append((record, text))
+            todo.append((len(records), text))
+            records.append(None)
         except ValueError as e:
-            record["error"] = str(e)
-        records.append(record)
+            records.append(error_record(question, str(e), model=model_name, adapter=adapter))
     screenings = safety.screen_texts([text for _, text in todo])  # one batched pass of the triage model
-    for (record, _), screening in zip(todo, screenings):
+    for (i, _), screening in zip(todo, screenings):
         if screening.urgent:  # escalation + vetted guidance only: nothing generated may follow it
-            record.update(safety.compose(screening, ""))
-    rest = [(record, text, s) for (record, text), s in zip(todo, screenings) if not s.urgent]
+            records[i] = answer_record(questions[i], safety.compose(screening, ""), model_name, adapter)
+    rest = [(i, text, s) for (i, text), s in zip(todo, screenings) if not s.urgent]
     if rest:
         generated = generate_texts(model, tokenizer, [text for _, text, _ in rest], sampling)
-        for (record, _, screening), raw in zip(rest, generated):
-            record.update(safety.compose(screening, raw))
-    return [_ordered(r) for r in records]
-
-
-def _ordered(record: dict) -> dict:
-    keys = ("question", "answer", "disclaimer", "flags", "model", "adapter", "error")
-    return {k: record[k] for k in keys if k in record}
+        for (i, _, screening), raw in zip(rest, generated):
+            records[i] = answer_record(questions[i], safety.compose(screening, raw), model_name, adapter)
+    return records
 
 
 def fixed_answer(screening, question: str, model_name: str = "", adapter: str | None = None) -> Iterator[str | dict]:
     """The stream of an emergency or crisis answer: escalation, vetted guidance, closing lines, disclaimer, record.
     No model runs, so it is shown at once, even when the server is busy generating for others."""
-    record = {"question": question, **safety.compose(screening, ""), "model": model_name, "adapter": adapter}
+    record = answer_record(question, safety.compose(screening, ""), model_name, adapter)
     paragraphs = record["answer"].split("\n\n")
     yield paragraphs[0]  # the escalation alone first: the web page shows it as its banner
     for paragraph in paragraphs[1:] + [record["disclaimer"]]:
         yield "\n\n" + paragraph
-    yield _ordered(record)
+    yield record
+
+
+class _Generation:
+    """One model.generate in a thread, streaming text; it ends at a stop id, at max_new_tokens, or after the current
+    token once `stop` (the caller's: its client left) or `halt` (a stop string was seen) is set."""
+
+    def __init__(self, model, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        halt = self.halt = threading.Event()
+
+        class _StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                ended = stop.is_set() or halt.is_set()
+                return torch.full((input_ids.shape[0],), ended, dtype=torch.bool, device=input_ids.device)
+
+        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = torch.tensor([ids], device=model.device)
+        self.kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=self.streamer,
+                           stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
+                           **_generate_kwargs(tokenizer, sampling))
+        self.model, self.n_prompt, self.stops = model, len(ids), set(stop_ids(tokenizer))
+        self.max_new_tokens, self.new_ids, self.failure = sampling.max_new_tokens, [], []
+        torch.manual_seed(sampling.seed)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            with torch.no_grad():
+                self.new_ids = self.model.generate(**self.kwargs)[0, self.n_prompt:].tolist()
+        except Exception as e:  # end the stream, else the reader waits forever; re-raised by join()
+            self.failure.append(e)
+            self.streamer.end()
+
+    def join(self) -> Outcome:
+        self.thread.join()
+        if self.failure:
+            raise self.failure[0]
+        cut = len(self.new_ids) >= self.max_new_tokens and self.new_ids[-1] not in self.stops and not self.halt.is_set()
+        return Outcome(len(self.new_ids), "length" if cut else "stop")
 
 
 def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = None,
                   model_name: str = "", adapter: str | None = None,
-                  stop: threading.Event | None = None, screening=None) -> Iterator[str | dict]:
+                  stop: threading.Event | None = None, screening=None, stop_strings=(),
+                  outcome: Outcome | None = None) -> Iterator[str | AnswerRecord]:
     """Yield the answer as it is generated (str pieces, already through the safety guard), then the record (dict).
 
     The emergency/crisis lines come first, before any generated text; the closing lines and the disclaimer last.
     The pieces joined equal record["answer"] + "\\n\\n" + record["disclaimer"].
     Setting `stop` (the server does when its client disconnects) or closing the iterator ends generation after the
     current token. `screening`: the caller's (the server screens the whole conversation before queueing).
+    `stop_strings` end the generated text (not shown); `outcome`, if given, is filled in before the record comes.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    class _StopOnEvent(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    sampling = sampling or Sampling()
+    sampling, outcome = sampling or Sampling(), outcome if outcome is not None else Outcome()
     text = safety.validate_question(question)
     ids = prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
     screening = screening or safety.screen_question(text)
     if screening.urgent:
         yield from fixed_answer(screening, question, model_name, adapter)
         return
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    inputs = torch.tensor([ids], device=model.device)
     stop = stop or threading.Event()
-    kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                  stopping_criteria=StoppingCriteriaList([_StopOnEvent()]), **_generate_kwargs(tokenizer, sampling))
-    failure = []
-
-    def run():
-        try:
-            with torch.no_grad():
-                model.generate(**kwargs)
-        except Exception as e:  # end the stream, else the loop below waits forever; re-raised after join
-            failure.append(e)
-            streamer.end()
-
-    torch.manual_seed(sampling.seed)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    generation, cut = _Generation(model, tokenizer, ids, sampling, stop), _StopAt(stop_strings)
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
     guard, generated, first = safety.stream_guard(screening), [], True
     try:
         if screening.preface:
             yield screening.preface
-        for piece in streamer:
+        for piece in chain(generation.streamer, [None]):  # None: the end, where held-back text is let out
+            piece = cut.feed(piece) if piece is not None else cut.close()
+            if cut.hit:
+                generation.halt.set()
             generated.append(piece)
             if shown := guard.feed(piece):
                 yield ("\n\n" if said and first else "") + shown
@@ -178,19 +221,17 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     except BaseException:  # GeneratorExit when the caller closes this iterator early: generate for nobody no more
         stop.set()
         raise
-    thread.join()
-    if failure:
-        raise failure[0]
+    ended = generation.join()
+    outcome.tokens, outcome.finish_reason = ended.tokens, ended.finish_reason
     if rest := guard.close():
         yield ("\n\n" if said and first else "") + rest
         said = True
     for line in safety.closing_lines(screening):
         yield ("\n\n" if said else "") + line
         said = True
-    record = {"question": question, **safety.compose(screening, "".join(generated).strip()),
-              "model": model_name, "adapter": adapter}
+    record = answer_record(question, safety.compose(screening, "".join(generated).strip()), model_name, adapter)
     yield "\n\n" + record["disclaimer"]
-    yield _ordered(record)
+    yield record
 
 
 def read_adapter_meta(adapter: str | Path) -> dict:
@@ -207,8 +248,8 @@ def load_for_generation(adapter: str | None = None, base_model: str | None = Non
                         allow_template_mismatch: bool = False):
     """(model, tokenizer, model_name): the base in its compute dtype (not quantized), the adapter merged into it.
 
-    Merging into the dequantized base (LESSONS 13) and generating with a KV cache is faster than an unmerged
-    int8 PeftModel, and gives the same answers as base + adapter.
+    Merging into the unquantized base (merged into int8 weights, the adapter's small update would mostly round away)
+    and generating with a KV cache is faster than an unmerged int8 PeftModel, and gives the answers of base + adapter.
     """
     from medassist.loading import load_model, load_tokenizer
 
@@ -216,11 +257,9 @@ def load_for_generation(adapter: str | None = None, base_model: str | None = Non
     base_model = base_model or meta.get("base_model") or "embedded"
     export = Path(base_model) / ADAPTER_META  # a directory written by `medassist merge` records its template too
     for source, info in ((adapter, meta), (base_model, json.loads(export.read_text()) if export.is_file() else {})):
-        template = info.get("template", TEMPLATE_NAME)
-        if template != TEMPLATE_NAME and not allow_template_mismatch:
-            raise UserError(f"{source} was trained with prompt template {template!r}; this code uses "
-                            f"{TEMPLATE_NAME!r}. Use a matching medassist version, or pass --allow-template-mismatch "
-                            f"to answer anyway")
+        if not allow_template_mismatch:
+            check_template(info.get("template"), source, "Use a matching medassist version, or pass "
+                                                         "--allow-template-mismatch to answer anyway")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(base_model, quantization="none", precision=precision, device=device)
     tokenizer = load_tokenizer(base_model)

@@ -1,9 +1,41 @@
-"""Question files: the JSONL that predict, the safety screen and the server's tools read, one question per line.
-No torch, no Lightning: the answer path and the training side both read questions through here."""
+"""The answer record every path writes, and the question files predict reads (one question per line).
+No torch, no Lightning: the answer path and the training side both build records and read questions through here."""
 import json
 from pathlib import Path
+from typing import TypedDict
 
 from medassist import UserError
+
+
+class AnswerRecord(TypedDict, total=False):
+    """One answer, as predict, the server, `python -m medassist predict` and the evaluator write it, keys in this
+    order. An error record has "error" instead of "answer", "disclaimer" and "flags"."""
+
+    question: str | None
+    answer: str
+    disclaimer: str
+    flags: list[str]
+    model: str
+    adapter: str | None
+    error: str
+
+
+KEYS = tuple(AnswerRecord.__annotations__)
+
+
+def answer_record(question: str, composed: dict, model: str = "", adapter: str | None = None) -> AnswerRecord:
+    """The record of an answered question; `composed` is safety.compose's {"answer", "disclaimer", "flags"}."""
+    return ordered({"question": question, **composed, "model": model, "adapter": adapter})
+
+
+def error_record(question: str | None, error: str, **source) -> AnswerRecord:
+    """The record of a question that got no answer; `source`: model= and adapter= where a model was asked."""
+    return ordered({"question": question, **source, "error": error})
+
+
+def ordered(record: dict) -> AnswerRecord:
+    """`record` with the keys of AnswerRecord only, in their order."""
+    return {k: record[k] for k in KEYS if k in record}
 
 
 def read_questions(path: str | Path) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from medassist import UserError, safety
-from medassist.generate import Assistant, Sampling, load_for_generation
+from medassist.generate import Assistant, Outcome, Sampling, load_for_generation, stream_answer
+from medassist.records import KEYS as RECORD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["question", "answer", "disclaimer", "flags", "model", "adapter"]
+assert list(RECORD_KEYS) == KEYS + ["error"]  # the record type and the keys every path writes agree
 SHORT = Sampling(max_new_tokens=12)
 
 
@@ -40,7 +43,9 @@ def test_bad_questions_get_errors_and_the_others_are_answered(assistant):
     records = assistant.answer_batch(["What is flu?", "   ", "bad \x00 char", "x " * 3000])
     assert "answer" in records[0] and "error" not in records[0]
     assert "empty" in records[1]["error"] and "control character" in records[2]["error"]
-    assert "context" in records[3]["error"] or "tokens" in records[3]["error"]
+    assert re.fullmatch(r"question is \d+ tokens; with max_new_tokens=12 the model's context of 1024 tokens leaves "
+                        r"room for 1012\. Shorten the question", records[3]["error"]), records[3]["error"]
+    assert list(records[1]) == ["question", "model", "adapter", "error"]
     with pytest.raises(UserError):
         assistant.answer("")
 
@@ -60,6 +65,45 @@ def test_stream_shows_the_same_text_as_the_record(assistant):
         assert "".join(pieces) == f"{record['answer']}\n\n{record['disclaimer']}"
     emergency = list(assistant.stream("I can't breathe and my lips are blue"))
     assert emergency[0] == safety.EMERGENCY_LINE
+
+
+SAMPLED = dict(temperature=1.5, top_p=1.0, max_new_tokens=30)  # the tiny model: seed 1 runs on, seed 2 ends its turn
+
+
+def test_outcome_counts_generated_tokens_and_says_why_the_answer_ended(assistant):
+    def outcome(question, **sampling):
+        ended = Outcome()
+        list(stream_answer(assistant.model, assistant.tokenizer, question, Sampling(**sampling), outcome=ended))
+        return ended
+
+    assert outcome("What is flu?", seed=1, **SAMPLED) == Outcome(30, "length")  # cut by max_new_tokens
+    ended = outcome("What is flu?", seed=2, **SAMPLED)
+    assert ended.finish_reason == "stop" and 0 < ended.tokens < 30  # the model ended its turn
+    assert outcome("I can't breathe and my lips are blue", seed=1, **SAMPLED) == Outcome(0, "stop")  # fixed text
+
+
+def test_stop_strings_end_the_generated_text(assistant):
+    def answer(stops=()):
+        ended = Outcome()
+        *_, record = stream_answer(assistant.model, assistant.tokenizer, "What is flu?", Sampling(seed=1, **SAMPLED),
+                                   stop_strings=stops, outcome=ended)
+        return record["answer"], ended
+
+    full, _ = answer()
+    assert " can" in full
+    cut, ended = answer([" can", "never in it"])
+    assert cut == full[: full.index(" can")].strip() and ended.finish_reason == "stop" and ended.tokens < 30
+
+
+def test_stop_string_split_across_pieces_is_held_back_then_cut():
+    from medassist.generate import _StopAt
+
+    stop = _StopAt(["STOP"])
+    assert [stop.feed(p) for p in ("Hello S", "T", "ill ST", "OP here")] == ["Hello ", "", "STill ", ""]
+    assert stop.hit and stop.feed("more") == "" and stop.close() == ""
+    held = _StopAt(["STOP"])
+    assert held.feed("end ST") == "end " and held.close() == "ST"  # not a stop string after all: shown at the end
+    assert _StopAt().feed("anything") == "anything"
 
 
 def test_adapter_trained_on_another_template_is_refused(adapter, tmp_path):
