@@ -2,7 +2,9 @@
 
 Pure functions and pydantic models, no server: a bad request becomes an ApiError whose message names the field.
 Unknown fields are ignored (OpenAI clients send many: user, frequency_penalty, ...); known fields with a wrong type
-or out of range are refused; the question is the last user message (see serve.py for why).
+or out of range are refused, and so are features this server does not have (n > 1, logprobs, tools), with a 400
+that says so rather than an answer that silently lacks them; the question is the last user message (see serve.py).
+No torch: the wire format can be checked without a model.
 """
 
 import json
@@ -14,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medassist import safety
-from medassist.generate import Sampling
+from medassist.sampling import Sampling
 
 EXAMPLE = '{"model": "medassist", "messages": [{"role": "user", "content": "What is asthma?"}]}'
 
@@ -70,8 +72,26 @@ class ChatRequest(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = Field(None, max_length=4)  # OpenAI allows up to 4 stop strings
     stream_options: StreamOptions | None = None
+
+
+# Fields that ask for something this server does not do, and the values that ask for nothing.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "function_call": (None, "none")}
+
+
+def _refuse_unsupported(data: dict) -> None:
+    for name, harmless in UNSUPPORTED.items():
+        if name in data and data[name] not in harmless:
+            raise ApiError(400, f"{name} is not supported by this server (a medical-education assistant that only "
+                                f"answers in text); leave {name} out", name)
+
+
+def stop_strings(request: ChatRequest) -> list[str]:
+    """The request's `stop` as a list (a single string is one stop string)."""
+    return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
 
 
 def _describe(error: ValidationError) -> tuple[str, str]:
@@ -90,11 +110,17 @@ def parse_chat(body: bytes, limits: Limits, defaults: Sampling) -> tuple[ChatReq
         raise ApiError(400, "request body nests too deeply to be a chat request") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}; send e.g. {EXAMPLE}")
+    _refuse_unsupported(data)
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as e:
         message, param = _describe(e)
         raise ApiError(400, message, param) from None
+    if request.n != 1:
+        raise ApiError(400, f"n={request.n} is not supported: this server gives one answer per request; send n=1 or "
+                            f"leave n out (and send the request again for another answer)", "n")
+    if any(not s for s in stop_strings(request)):
+        raise ApiError(400, "stop: stop strings must not be empty", "stop")
     users = [m for m in request.messages if m.role == "user"]
     if not users:
         raise ApiError(400, "messages has no message with role 'user'; the last user message is the question",
@@ -131,6 +157,21 @@ def chunk(rid: str, created: int, model: str, delta: dict | None, finish: str | 
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     return f"data: {json.dumps({**body, **extra}, ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's token counts: completion_tokens are the tokens the model generated (the disclaimer and the safety
+    lines added by code are not counted; a fixed emergency answer counts 0)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, created: int, model: str, content: str, finish: str, usage: dict, **extra) -> dict:
+    """A whole (not streamed) chat completion with one choice."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+              "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage, **extra}
 
 
 def fields(record: dict) -> dict:

@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -28,9 +27,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from medassist import UserError, safety
-from medassist.generate import (Sampling, context_length, fixed_answer, load_for_generation, prompt_ids,
+from medassist.generate import (Outcome, context_length, fixed_answer, load_for_generation, prompt_ids,
                                 stream_answer)
-from medassist.openai_api import ApiError, Limits, chunk, fields, parse_chat, user_turns
+from medassist.openai_api import (ApiError, Limits, chunk, completion, fields, parse_chat, stop_strings, usage,
+                                  user_turns)
+from medassist.sampling import Sampling
 
 log = logging.getLogger("medassist.serve")
 
@@ -42,8 +43,9 @@ _DONE = object()
 class Job:
     """One request's generation: pieces travel from the worker thread to the request's event loop."""
 
-    def __init__(self, question: str, sampling: Sampling, screening=None):
-        self.question, self.sampling, self.screening = question, sampling, screening
+    def __init__(self, question: str, sampling: Sampling, screening=None, stops=()):
+        self.question, self.sampling, self.screening, self.stops = question, sampling, screening, list(stops)
+        self.outcome = Outcome()  # tokens generated and finish_reason, filled in before the record is put
         self.stop = threading.Event()  # set when the client goes away: generation ends after the current token
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -73,6 +75,42 @@ class Job:
             self.stop.set()
 
 
+class Worker:
+    """Generates one answer at a time, first come first served; at most `max_queue` requests wait or run."""
+
+    def __init__(self, model, tokenizer, model_name: str, adapter: str | None, max_queue: int):
+        self.model, self.tokenizer, self.model_name, self.adapter = model, tokenizer, model_name, adapter
+        self.max_queue, self.busy, self.stopped = max_queue, 0, 0  # stopped: ended early, their client left
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            full = self.busy >= self.max_queue
+            self.busy += not full  # _run gives the slot back
+        if full:
+            raise ApiError(503, f"server busy: {self.max_queue} requests are already waiting; retry shortly",
+                           kind="server_busy")
+        self.executor.submit(self._run, job)
+
+    def _run(self, job: Job) -> None:  # in the worker thread
+        try:
+            if job.stop.is_set():  # the client left while queued
+                self.stopped += 1
+                return
+            for item in stream_answer(self.model, self.tokenizer, job.question, job.sampling, self.model_name,
+                                      self.adapter, job.stop, job.screening, job.stops, job.outcome):
+                job.put(item)
+            self.stopped += job.stop.is_set()  # before _DONE: a client that got everything has not set it yet
+        except Exception as e:  # a bug or an out-of-memory: this request fails, the server goes on
+            log.exception("generation failed")
+            job.put(e)
+        finally:
+            with self.lock:
+                self.busy -= 1
+            job.put(_DONE)
+
+
 class _Stream(StreamingResponse):
     """A StreamingResponse that stops its job however it ends, even when cancelled before the first event."""
 
@@ -87,68 +125,123 @@ class _Stream(StreamingResponse):
             self.job.stop.set()
 
 
+# ---- one chat request ---------------------------------------------------------------------------------------------
+class Chat:
+    """POST /v1/chat/completions: check the request, screen the conversation, answer a whole reply or a stream.
+
+    Screened before the queue, over the conversation's latest user turns: an emergency gets its fixed answer at once
+    (no model runs), however many answers are being generated for others.
+    """
+
+    def __init__(self, worker: Worker, limits: Limits, defaults: Sampling, served_name: str):
+        self.worker, self.limits, self.defaults, self.served_name = worker, limits, defaults, served_name
+
+    async def __call__(self, request: Request, body: bytes):
+        req, question, sampling = parse_chat(body, self.limits, self.defaults)
+        n_prompt = self.prompt_tokens(question, sampling)
+        screening = await asyncio.to_thread(safety.screen_conversation, user_turns(req))
+        job = Job(question, sampling, screening, stop_strings(req))
+        if screening.urgent:
+            w = self.worker
+            for item in fixed_answer(screening, question, w.model_name, w.adapter):
+                job.put(item)
+            job.put(_DONE)
+        else:
+            self.worker.submit(job)
+        head = dict(rid=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.served_name)
+        if not req.stream:
+            return await self.whole(job, request, head, n_prompt)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Stream(job, self.events(job, request, head, n_prompt, include_usage),
+                       media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def prompt_tokens(self, question: str, sampling: Sampling) -> int:
+        model, tokenizer = self.worker.model, self.worker.tokenizer
+        try:
+            return len(prompt_ids(tokenizer, question, context_length(model), sampling.max_new_tokens))
+        except UserError as e:
+            raise ApiError(400, f"last user message: {e}", "messages") from None
+
+    @staticmethod
+    async def whole(job: Job, request: Request, head: dict, n_prompt: int):
+        record = None
+        async for item in job.items(request):
+            record = item if isinstance(item, dict) else record
+        if record is None:  # the client disconnected; nobody reads this
+            return JSONResponse({}, status_code=499)
+        content = safety.render(record)  # answer, blank line, disclaimer: what predict prints
+        return completion(head["rid"], head["created"], head["model"], content, job.outcome.finish_reason,
+                          usage(n_prompt, job.outcome.tokens), medassist=fields(record))
+
+    @staticmethod
+    async def events(job: Job, request: Request, head: dict, n_prompt: int, include_usage: bool):
+        rid, now, name = head["rid"], head["created"], head["model"]
+        flags = list(job.screening.flags)  # known before any token: the page shows a banner
+        yield chunk(rid, now, name, {"role": "assistant", "content": ""},
+                    medassist={"flags": flags, "disclaimer": safety.DISCLAIMER})
+        try:
+            async for item in job.items(request):
+                if isinstance(item, dict):
+                    yield chunk(rid, now, name, {}, job.outcome.finish_reason, medassist=fields(item))
+                else:
+                    yield chunk(rid, now, name, {"content": item})
+        except Exception as e:  # headers are sent: report it in the stream (the openai client raises on it)
+            error = {"message": f"generation failed: {type(e).__name__}", "type": "server_error"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            return
+        if include_usage:
+            yield chunk(rid, now, name, None, usage=usage(n_prompt, job.outcome.tokens))
+        yield "data: [DONE]\n\n"
+
+
+# ---- the app ------------------------------------------------------------------------------------------------------
+def authorize(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the "
+                            "server was started with (--api-key or MEDASSIST_API_KEY)", kind="authentication_error")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    too_big = ApiError(413, f"request body is over the limit of {max_bytes} bytes; send a shorter "
+                            f"conversation (only the last user message is answered)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for part in request.stream():  # counted as it arrives: a chunked upload cannot dodge the limit
+        body += part
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
+async def _error(request, e: Exception):
+    """Every error as OpenAI's JSON: ours, Starlette's 404/405, and a bug (a 500; the server goes on)."""
+    if isinstance(e, HTTPException):
+        e = ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+    elif not isinstance(e, ApiError):
+        log.exception("unexpected error")
+        e = ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
+    return e.response()
+
+
 def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *, api_key: str | None = None,
                limits: Limits | None = None, sampling: Sampling | None = None, served_name: str = "medassist"):
     """The FastAPI app around a loaded model (from generate.load_for_generation)."""
-    limits, defaults = limits or Limits(), sampling or Sampling()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # one at a time, in arrival order
-    busy, busy_lock = [0], threading.Lock()  # requests waiting or generating
-    stopped = [0]  # generations ended early because their client left: /health reports it
+    limits = limits or Limits()
+    worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue)
+    chat = Chat(worker, limits, sampling or Sampling(), served_name)
     created = int(time.time())
     info = {"model": served_name, "base_model": model_name, "adapter": Path(adapter).name if adapter else None}
-
-    def generate(job: Job) -> None:  # runs in the worker thread
-        try:
-            if job.stop.is_set():  # the client left while queued
-                stopped[0] += 1
-                return
-            for item in stream_answer(model, tokenizer, job.question, job.sampling, model_name, adapter, job.stop,
-                                      job.screening):
-                job.put(item)
-            stopped[0] += job.stop.is_set()  # before _DONE: a client that got everything has not set it yet
-        except Exception as e:  # a bug or an out-of-memory: this request fails, the server goes on
-            log.exception("generation failed")
-            job.put(e)
-        finally:
-            with busy_lock:
-                busy[0] -= 1
-            job.put(_DONE)
 
     # No /docs: Swagger UI loads its assets from a CDN, and this server works offline. On shutdown uvicorn cancels
     # open streams, which sets their jobs' stop events, so the worker thread ends promptly.
     app = FastAPI(title="medassist", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(ApiError)
-    @app.exception_handler(HTTPException)  # 404, 405: the same JSON shape as our own errors
-    @app.exception_handler(Exception)  # a bug: a JSON 500, and the server goes on
-    async def _error(request, e: Exception):
-        if isinstance(e, HTTPException):
-            e = ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
-        elif not isinstance(e, ApiError):
-            log.exception("unexpected error")
-            e = ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
-        return e.response()
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the "
-                                "server was started with (--api-key or MEDASSIST_API_KEY)", kind="authentication_error")
-
-    async def read_body(request: Request) -> bytes:
-        too_big = ApiError(413, f"request body is over the limit of {limits.max_body_bytes} bytes; send a shorter "
-                                f"conversation (only the last user message is answered)")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limits.max_body_bytes:
-            raise too_big
-        body = bytearray()
-        async for part in request.stream():  # counted as it arrives: a chunked upload cannot dodge the limit
-            body += part
-            if len(body) > limits.max_body_bytes:
-                raise too_big
-        return bytes(body)
+    for kind in (ApiError, HTTPException, Exception):
+        app.add_exception_handler(kind, _error)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -156,78 +249,18 @@ def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **info, "busy": busy[0], "stopped_early": stopped[0]}
+        return {"status": "ok", **info, "busy": worker.busy, "stopped_early": worker.stopped}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
+        authorize(request, api_key)
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
                                             "owned_by": "medassist", "medassist": info}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        authorize(request)
-        req, question, sampling = parse_chat(await read_body(request), limits, defaults)
-        try:
-            n_prompt = len(prompt_ids(tokenizer, question, context_length(model), sampling.max_new_tokens))
-        except UserError as e:
-            raise ApiError(400, f"last user message: {e}", "messages") from None
-        # Screened before the queue, over the conversation's latest user turns: an emergency gets its escalation
-        # at once, however many answers are being generated for others.
-        screening = await asyncio.to_thread(safety.screen_conversation, user_turns(req))
-        job = Job(question, sampling, screening)
-        if screening.urgent:
-            for item in fixed_answer(screening, question, model_name, adapter):
-                job.put(item)
-            job.put(_DONE)
-        else:
-            with busy_lock:
-                full = busy[0] >= limits.max_queue
-                busy[0] += not full  # generate() gives the slot back
-            if full:
-                raise ApiError(503, f"server busy: {limits.max_queue} requests are already waiting; retry shortly",
-                               kind="server_busy")
-            worker.submit(generate, job)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        flags = list(screening.flags)  # known before any token: the page shows a banner
-
-        def usage(content: str) -> dict:
-            n_out = len(tokenizer(content, add_special_tokens=False)["input_ids"])
-            return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-
-        if not req.stream:
-            record = None
-            async for item in job.items(request):
-                record = item if isinstance(item, dict) else record
-            if record is None:  # the client disconnected; nobody reads this
-                return JSONResponse({}, status_code=499)
-            content = safety.render(record)  # answer, blank line, disclaimer: what predict prints
-            message = {"role": "assistant", "content": content}
-            return {"id": rid, "object": "chat.completion", "created": now, "model": served_name,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-                    "usage": usage(content), "medassist": fields(record)}
-
-        async def events():
-            yield chunk(rid, now, served_name, {"role": "assistant", "content": ""},
-                         medassist={"flags": flags, "disclaimer": safety.DISCLAIMER})
-            pieces = []
-            try:
-                async for item in job.items(request):
-                    if isinstance(item, dict):
-                        yield chunk(rid, now, served_name, {}, "stop", medassist=fields(item))
-                    else:
-                        pieces.append(item)
-                        yield chunk(rid, now, served_name, {"content": item})
-            except Exception as e:  # headers are sent: report it in the stream (the openai client raises on it)
-                error = {"message": f"generation failed: {type(e).__name__}", "type": "server_error"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-                return
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk(rid, now, served_name, None, usage=usage("".join(pieces)))
-            yield "data: [DONE]\n\n"
-
-        return _Stream(job, events(), media_type="text/event-stream",
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def completions(request: Request):
+        authorize(request, api_key)
+        return await chat(request, await read_body(request, limits.max_body_bytes))
 
     return app
 
@@ -273,23 +306,17 @@ def check_args(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
+    """Bad options and a missing model raise UserError before anything is served (medassist.commands shows it)."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if problems := check_args(args):
-        print("medassist serve: error: " + "; ".join(problems), file=sys.stderr)
-        return 2
+        raise UserError("; ".join(problems))
     import torch
+    import uvicorn
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
-                                                     args.allow_template_mismatch)
-    except UserError as e:
-        print(f"medassist serve: error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
+                                                 args.allow_template_mismatch)
     safety.screen_question("What is asthma?")  # loads the triage model now, not during the first request
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)

@@ -98,7 +98,9 @@ def test_openai_client_plain_answer_carries_the_disclaimer(client):
     reply = client.chat.completions.create(model="medassist", max_tokens=8, messages=[
         {"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is asthma?"}])
     text = reply.choices[0].message.content
-    assert text.endswith(safety.DISCLAIMER) and reply.choices[0].finish_reason == "stop"
+    assert text.endswith(safety.DISCLAIMER)
+    # the tiny model never ends its turn within 8 tokens: max_tokens cut it, and only generated tokens are counted
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
     fields = reply.model_extra["medassist"]
     assert fields["disclaimer"] == safety.DISCLAIMER and fields["flags"] == []
     assert text == safety.render(fields)  # the structured fields and the text agree
@@ -109,14 +111,32 @@ def test_streaming_answer_ends_with_disclaimer_and_emergency_line_comes_first(cl
     texts, chunks = stream_text(client, "How can I sleep better?", stream_options={"include_usage": True})
     assert "".join(texts).endswith(safety.DISCLAIMER)
     assert chunks[0].model_extra["medassist"]["disclaimer"] == safety.DISCLAIMER
-    final = [c for c in chunks if c.choices and c.choices[0].finish_reason == "stop"]
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1 and final[0].model_extra["medassist"]["disclaimer"] == safety.DISCLAIMER
-    assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+    # the server's --max-new-tokens 16 cut the answer; the disclaimer and safety lines are not generated tokens
+    assert final[0].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
 
-    texts, chunks = stream_text(client, EMERGENCY)
+    texts, chunks = stream_text(client, EMERGENCY, stream_options={"include_usage": True})
     assert [t for t in texts if t][0] == safety.EMERGENCY_LINE  # before any generated text
     assert "emergency" in chunks[0].model_extra["medassist"]["flags"]  # known from the first chunk: the page's banner
-    assert "emergency" in chunks[-1].model_extra["medassist"]["flags"]
+    assert "emergency" in chunks[-2].model_extra["medassist"]["flags"]
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == 0  # fixed text
+
+
+def test_stop_strings_end_the_answer(client):
+    def ask(**kwargs):  # sampled: the tiny model then writes words (seed 1: "... can can ...", 30 tokens)
+        return client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is flu?"}],
+                                              temperature=1.5, top_p=1.0, seed=1, max_tokens=30, **kwargs)
+
+    full = ask()
+    answer = full.model_extra["medassist"]["answer"]
+    assert " can" in answer and full.choices[0].finish_reason == "length"
+    for stop in (" can", [" can", "never there"]):
+        cut = ask(stop=stop)
+        assert cut.model_extra["medassist"]["answer"] == answer[: answer.index(" can")].strip()
+        assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < 30
+        assert cut.choices[0].message.content.endswith(safety.DISCLAIMER)
 
 
 def test_only_the_last_user_message_is_answered_and_unknown_fields_are_ignored(server):
@@ -170,7 +190,19 @@ BAD = {
     "max_tokens a float": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, 400, "max_tokens"),
     "negative seed": ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
     "stream a string": ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
-    "n of 2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    "n of 2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=2 is not supported"),
+    "logprobs": ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+                 "logprobs is not supported"),
+    "top_logprobs": ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+                     "top_logprobs is not supported"),
+    "tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+               "name": "f"}}]}, 400, "tools is not supported"),
+    "tool_choice": ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}, 400,
+                    "tool_choice is not supported"),
+    "functions": ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, 400,
+                  "functions is not supported"),
+    "empty stop": ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "must not be empty"),
+    "five stops": ({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
     "body too big": ({"messages": [{"role": "user", "content": "a" * 200_000}]}, 413, "over the limit"),
 }
 
