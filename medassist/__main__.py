@@ -1,18 +1,7 @@
-"""`python -m medassist fit|validate|test|predict ...` (LightningCLI), `... serve ...` (HTTP server), `... merge ...`."""
-
+"""`python -m medassist <command> ...`: see medassist/commands.py."""
 import sys
 
-
-def run() -> int | None:
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command in ("serve", "merge"):  # not Lightning subcommands: plain argparse programs
-        from importlib import import_module
-
-        return import_module(f"medassist.{command}").main(sys.argv[2:])
-    from medassist.cli import main
-
-    return main()
-
+from medassist.commands import main
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

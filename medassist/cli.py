@@ -1,4 +1,5 @@
-"""The LightningCLI: `python -m medassist fit|validate|test|predict --config configs/lora.yaml [--key value ...]`.
+"""The LightningCLI: `python -m medassist fit|validate|test|predict --config configs/lora.yaml [--key value ...]`
+(reached through medassist/commands.py, the one entry point).
 
 LightningCLI builds the parser from the typed __init__ signatures of MedAssistLM and InstructionDataModule, and
 saves the resolved config as `config.yaml` in each run's directory. This file adds only what is ours: the base
@@ -56,7 +57,7 @@ class MedAssistCLI(LightningCLI):
             return
         config.ckpt_path = str(found[-1])
         args.version = found[-1].parent.parent.name
-        log.warning("resuming from %s", config.ckpt_path)
+        log.info("resuming from %s", config.ckpt_path)
 
     def predict(self, model, datamodule, ckpt_path=None, **kwargs):
         """Lightning's predict loop, then the answer records written to data.predict_output as JSONL."""
@@ -99,11 +100,17 @@ def check_writable(directory: Path) -> None:
 
 
 def main(args=None) -> None:
+    """LightningCLI; exits 2 on a UserError (one line, as every command shows it) and 1 on a NaN/infinite loss."""
+    given = sys.argv[1:] if args is None else list(args)
+    command = given[0] if given else "fit"
     try:
         MedAssistCLI(MedAssistLM, InstructionDataModule, save_config_kwargs={"overwrite": True}, args=args)
-    except (UserError, FloatingPointError) as e:
+    except UserError as e:
+        print(e.line(command), file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:  # not the user's doing: exit 1, in the words the NaN tests and scripts look for
         print(f"medassist: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+        sys.exit(1)
     except SIGTERMException:  # Lightning exits 0 here; a scheduler or script must see that the run did not finish
         print("medassist: stopped by SIGTERM; `fit ... --ckpt_path last` resumes", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)

@@ -1,101 +1,12 @@
-"""Answer health questions with a fine-tuned adapter (or the base model), through the safety layer.
+"""Answer health questions with a fine-tuned adapter (or the base model): `python -m medassist ask` (same options).
 
     python scripts/predict.py --adapter checkpoints/lora/version_0/lora_adapter "What are the symptoms of diabetes?"
     python scripts/predict.py --adapter ... --input questions.jsonl --output answers.jsonl
     python scripts/predict.py --adapter ...                      # interactive chat, streaming
-Exit status 2 on bad input (the other lines of a file are still answered).
 """
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from medassist import UserError, safety  # noqa: E402
-from medassist.records import read_questions  # noqa: E402
-from medassist.files import write_jsonl_atomic  # noqa: E402
-from medassist.generate import Assistant, Sampling  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("question", nargs="?", help="one question; omit it (and --input) for an interactive chat")
-    p.add_argument("--adapter", help="a lora_adapter/ directory written by fit; omit to answer with the base model")
-    p.add_argument("--base-model", help="base model source (default: the one the adapter was trained on, "
-                                        "else 'embedded')")
-    p.add_argument("--input", help="JSONL file of {\"question\": ...} (\"instruction\" accepted)")
-    p.add_argument("--output", help="where --input's answers go (JSONL, one record per line, input order)")
-    p.add_argument("--json", action="store_true", help="print the structured record for one question")
-    p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --input")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--allow-template-mismatch", action="store_true")
-    defaults = Sampling()
-    for name, value in vars(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    return p.parse_args(argv)
-
-
-def answer_file(assistant: Assistant, args) -> int:
-    items = read_questions(args.input)
-    questions = [item["question"] for item in items if "error" not in item]
-    answered = iter([record for i in range(0, len(questions), args.batch_size)
-                     for record in assistant.answer_batch(questions[i : i + args.batch_size])])
-    records = []
-    for item in items:
-        record = {"question": None, "error": item["error"]} if "error" in item else next(answered)
-        if "error" in record and "error" not in item:
-            record["error"] = f"{args.input}:{item['line']}: {record['error']}"
-        records.append(record)
-    write_jsonl_atomic(args.output, records)
-    errors = [record["error"] for record in records if "error" in record]
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    print(f"wrote {len(records)} records to {args.output} ({len(errors)} with errors)", file=sys.stderr)
-    return 2 if errors else 0
-
-
-def chat(assistant: Assistant) -> int:
-    print("medassist — educational answers, not medical advice. Empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            question = input("\nyou> ")
-        except EOFError:
-            return 0
-        if not question.strip():
-            return 0
-        try:
-            for piece in assistant.stream(question):
-                if isinstance(piece, str):
-                    print(piece, end="", flush=True)
-            print()
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sampling = Sampling(**{name: getattr(args, name) for name in vars(Sampling())})
-    try:
-        if args.input and not args.output:
-            raise UserError("--input needs --output (where the JSONL answers go)")
-        if args.question is not None:
-            safety.validate_question(args.question)  # fail before loading a model
-        if args.input:
-            read_questions(args.input)  # a missing or unreadable file fails before loading a model
-        assistant = Assistant(args.adapter, args.base_model, args.precision, sampling, args.allow_template_mismatch)
-        if args.input:
-            return answer_file(assistant, args)
-        if args.question is None:
-            return chat(assistant)
-        record = assistant.answer(args.question)
-        print(json.dumps(record, ensure_ascii=False, indent=2) if args.json else safety.render(record))
-        return 0
-    except ValueError as e:  # UserError and the safety layer's input errors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+from medassist.commands import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["ask", *sys.argv[1:]]))
