@@ -20,10 +20,7 @@ from medassist import UserError, safety
 from medassist.files import ADAPTER_META
 from medassist.prompts import check_template, encode_prompt, stop_ids
 from medassist.records import AnswerRecord, answer_record, error_record
-from medassist.sampling import Sampling
-
-__all__ = ["Assistant", "Outcome", "Sampling", "answer_batch", "fixed_answer", "load_for_generation",
-           "stream_answer"]  # Sampling: re-exported for the callers that take it from here
+from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
 
 log = logging.getLogger(__name__)
 
