@@ -13,7 +13,7 @@ from medassist import UserError
 from medassist.safety import SCREEN_FLAGS, screen_question
 from medassist.safety import triage
 from medassist.safety.labelled import read_labelled
-from medassist.safety.train import choose_thresholds, texting_copy, train
+from medassist.safety.train import TASKS, choose_thresholds, texting_copy, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "data" / "safety" / "eval"
@@ -81,7 +81,7 @@ def test_retraining_is_reproducible(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dev = tmp_path / "dev.jsonl"
     dev.write_text("\n".join(json.dumps(r) for r in rows[::4]) + "\n")
-    metas = [train([data], dev, tmp_path / f"run{i}", rank=2, epochs=1, seed=3, log=lambda _: None)
+    metas = [train(TASKS["triage"], [data], dev, tmp_path / f"run{i}", rank=2, epochs=1, seed=3, log=lambda _: None)
              for i in range(2)]
     assert metas[0]["thresholds"] == metas[1]["thresholds"] and metas[0]["dev"] == metas[1]["dev"]
     heads = [(tmp_path / f"run{i}" / triage.HEAD_FILE).read_bytes() for i in range(2)]

@@ -3,6 +3,7 @@
   screen   --input questions.jsonl      one JSON line per question: flags, which layer fired, probabilities
   evaluate --data FILE.jsonl [--kind questions|guard|conversations] [--rules-only] [--json]
   train    [--train DIR_OR_FILE ...] [--dev FILE] [--out DIR] [--seed N]    retrain the triage model
+  latency  --data FILE.jsonl [--repeats N]  median screening time of one question, once the model is loaded
 """
 import argparse
 import json
@@ -13,14 +14,14 @@ from pathlib import Path
 
 from medassist import UserError
 
-DATA = Path("data/safety")
-
-
 def _predict(rows: list[dict], kind: str, use_model: bool) -> list[set[str]]:
     from medassist import safety
 
     if kind == "guard":
-        return [set(safety.guard_answer(row["text"])[1]) for row in rows]
+        from medassist.safety.guard import rule_sentence_flags, sentence_flags
+
+        check = sentence_flags if use_model else rule_sentence_flags
+        return [set(check(row["text"])) for row in rows]
     if kind == "conversations":
         return [set(safety.screen_conversation(row["messages"], use_model).flags) for row in rows]
     return [set(s.flags) for s in safety.screen_texts([row["text"] for row in rows], use_model)]
@@ -45,9 +46,15 @@ def evaluate(path: Path, kind: str, use_model: bool = True) -> dict:
 
 def latency(questions: list[str], repeats: int = 1) -> dict:
     """Median and 90th percentile of screen_question on one question at a time, once the model is loaded."""
+    import platform
+
+    import torch
+
     from medassist import safety
 
+    load = time.perf_counter()
     safety.screen_question("warm-up")
+    load = time.perf_counter() - load
     times = []
     for _ in range(repeats):
         for q in questions:
@@ -55,8 +62,11 @@ def latency(questions: list[str], repeats: int = 1) -> dict:
             safety.screen_question(q)
             times.append(time.perf_counter() - start)
     times.sort()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {"n": len(times), "median_ms": round(1000 * statistics.median(times), 1),
-            "p90_ms": round(1000 * times[int(0.9 * (len(times) - 1))], 1)}
+            "p90_ms": round(1000 * times[int(0.9 * (len(times) - 1))], 1), "load_s": round(load, 2),
+            "threads": torch.get_num_threads(), "cpu": cpu}
 
 
 def screen(path: Path) -> int:
@@ -87,10 +97,18 @@ def parse_args(argv=None):
     e.add_argument("--kind", choices=["questions", "guard", "conversations"], default="questions")
     e.add_argument("--rules-only", action="store_true", help="the regex rules alone, without the triage model")
     e.add_argument("--json", action="store_true", help="the whole report (with every miss) as JSON")
+    b = sub.add_parser("latency", help="screening time per question, one at a time")
+    b.add_argument("--data", type=Path, required=True)
+    b.add_argument("--repeats", type=int, default=1)
     t = sub.add_parser("train", help="retrain the triage head from the labelled data")
-    t.add_argument("--train", type=Path, nargs="+", default=[DATA / "train"])
-    t.add_argument("--dev", type=Path, default=DATA / "dev" / "questions.jsonl")
-    t.add_argument("--out", type=Path, default=None, help="default: the package's medassist/safety/triage/")
+    t.add_argument("--task", choices=["triage", "guard"], default="triage",
+                   help="triage: the question screen's model; guard: the output guard's sentence model")
+    t.add_argument("--train", type=Path, nargs="+", default=None,
+                   help="default: data/safety/train (triage) or data/safety/train-guard (guard)")
+    t.add_argument("--dev", type=Path, default=None,
+                   help="default: data/safety/dev/questions.jsonl (triage) or data/safety/dev/guard.jsonl (guard)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="default: the package's medassist/safety/triage/ or medassist/safety/guard_model/")
     t.add_argument("--rank", type=int, default=8, help="LoRA rank of the encoder's adapter")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -110,15 +128,19 @@ def main(argv=None) -> int:
             print(json.dumps(report, indent=1, ensure_ascii=False) if args.json
                   else f"{args.data}: {report['n']} rows, {report['seconds']} s\n{table(report)}")
             return 0
-        from medassist.safety.train import train
-        from medassist.safety.triage import MODEL_DIR
+        if args.command == "latency":
+            from medassist.safety.labelled import read_labelled
 
-        meta = train(args.train, args.dev, args.out or MODEL_DIR, args.rank, args.epochs, args.lr, args.seed,
+            print(json.dumps(latency([r["text"] for r in read_labelled(args.data)], args.repeats)))
+            return 0
+        from medassist.safety.train import TASKS, train
+
+        meta = train(TASKS[args.task], args.train, args.dev, args.out, args.rank, args.epochs, args.lr, args.seed,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps({k: meta[k] for k in ("thresholds", "dev", "train", "seconds")}, indent=1))
         return 0
     except UserError as e:
-        print(f"medassist.safety: error: {e}", file=sys.stderr)
+        print(e.line("safety"), file=sys.stderr)
         return 2
 
 

@@ -51,8 +51,8 @@ _EXPAND = {"you've": "you have", "you're": "you are", "it's": "it is", "that's":
            "i've": "i have", "i'd": "i would", "he's": "he is", "she's": "she is", "what's": "what is"}
 
 
-def sentence_flags(sentence: str) -> list[str]:
-    """The guard flags one generated sentence raises (empty: it may be shown)."""
+def rule_sentence_flags(sentence: str) -> list[str]:
+    """The guard flags the rules (and libphonenumber) raise for one generated sentence."""
     s = re.sub(r"\b\w+'\w+\b", lambda m: _EXPAND.get(m.group(), m.group()), normalise(sentence))
     unconditional = re.sub(CONDITIONAL, " ", s)
     fired = {flag for flag, rules in GUARD_RULES.items()
@@ -60,6 +60,12 @@ def sentence_flags(sentence: str) -> list[str]:
     if "contact_removed" not in fired and sum(c.isdigit() for c in s) >= 7 and invented_phone(sentence):
         fired.add("contact_removed")
     return [f for f in GUARD_FLAGS if f in fired]
+
+
+@lru_cache(maxsize=4096)
+def sentence_flags(sentence: str) -> tuple[str, ...]:
+    """The guard flags one generated sentence raises, from the rules or the guard model (empty: it may be shown)."""
+    return tuple(rule_sentence_flags(sentence))  # GUARD-MODEL-PENDING
 
 
 class StreamGuard:
@@ -87,7 +93,7 @@ class StreamGuard:
 
     def _emit(self, sentence: str, sep: str) -> str:
         sentence = sentence.strip()
-        flags = sentence_flags(sentence) if sentence else []
+        flags = sentence_flags(sentence) if sentence else ()
         if flags or not sentence or _repeats(sentence, self._fixed):
             self._fired.update(flags)
             # A dropped sentence's two separators merge; keep the stronger break.

