@@ -9,7 +9,8 @@ import pytest
 
 from medassist import UserError
 from medassist.data import InstructionDataModule
-from medassist.dataprep import cross_file_warnings, deduplicate, main, normalise, split_by_topic
+from medassist.checks import cross_file_warnings, normalise
+from medassist.dataprep import deduplicate, main, split_by_topic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEDQUAD_XML = SHARED / "medquad-xml"
@@ -18,7 +19,7 @@ KEYS = ["instruction", "input", "output", "source", "qtype", "focus", "url", "id
 
 
 def run(*argv):
-    """main() in-process: (exit status, stdout, stderr)."""
+    """main() in-process: its exit status (read stdout and stderr with capsys)."""
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
     return e.value.code or 0

@@ -155,7 +155,7 @@ def test_fsdp_config_builds_the_strategy_with_our_wrap_policy():
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
 
-    from medassist.model import fsdp_wrap_policy
+    from medassist.strategies import fsdp_wrap_policy
 
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy)
@@ -177,7 +177,8 @@ def test_int8_with_fsdp_is_refused_before_anything_loads(tmp_path, capsys):
 
 def test_fsdp_wrap_policy_gives_every_unit_one_dtype(tiny_model_dir):
     """FSDP flattens each unit into one tensor: with nf4 stored as bf16 and fp32 adapters, the policy must split."""
-    from medassist.model import MedAssistLM, fsdp_wrap_policy
+    from medassist.model import MedAssistLM
+    from medassist.strategies import fsdp_wrap_policy
 
     module = MedAssistLM(base_model=str(tiny_model_dir), quantization="nf4", precision="bf16")
     module.configure_model()
