@@ -74,6 +74,10 @@ class MedAssistLM(L.LightningModule):
         check_target_modules(target_modules)
         if loss_chunk_mib <= 0:
             raise UserError(f"loss_chunk_mib must be positive, got {loss_chunk_mib}")
+        if loss_chunk_size is not None:
+            rank_zero_warn(f"model.loss_chunk_size is deprecated: it held loss_chunk_size x vocabulary fp32 logits at "
+                           f"once; say the memory instead, e.g. loss_chunk_mib: {loss_chunk_size * 262144 * 4 / MIB:g} "
+                           f"for Gemma-3's 262k vocabulary")
         self.save_hyperparameters()
         self.sampling = Sampling(**sampling) if isinstance(sampling, dict) else sampling or Sampling()
         self.model = None  # built in configure_model, on each process's own device
