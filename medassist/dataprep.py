@@ -19,7 +19,7 @@ from itertools import combinations
 from pathlib import Path
 
 from medassist import UserError
-from medassist.checks import NEAR, duplicates, overlap, pair_key
+from medassist.checks import NEAR, duplicates, normalise, overlap, pair_key, question_key
 from medassist.data import MAX_ERRORS, collect_records, listed, tokenize_example
 from medassist.files import atomic_dir
 

@@ -226,3 +226,11 @@ def test_python_m_medassist_data_reaches_the_importer(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_the_data_module_does_not_import_the_importers():
+    """Imports run one way: dataprep uses data, data (what training loads) never loads dataprep."""
+    code = "import sys, medassist.data; assert 'medassist.dataprep' not in sys.modules, 'data imports dataprep'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
