@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from medassist import UserError
+from medassist.checks import cross_file_warnings
 from medassist.records import read_questions  # noqa: F401 (re-exported: the predict loader uses it)
 from medassist.prompts import END_OF_TURN, MODEL, format_prompt
 
@@ -160,9 +161,10 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict
 class LengthGroupedSampler(DistributedSampler):
     """Shuffled order in which neighbours have similar lengths, so a batch pads little.
 
-    Deterministic in (seed, epoch): a resumed run sees the same order and skips what it had already seen. The order
-    is built for global batches of batch_size x num_replicas and each rank takes its slice of every one, so N ranks
-    train on exactly the batches one process sees with N x batch_size. It is a DistributedSampler so that Lightning
+    Deterministic in (seed, epoch): a resumed run sees the same order and skips what it had already seen. batch_size
+    is what one rank trains on in one optimizer step (micro-batch size x accumulation); the order is built for global
+    steps of batch_size x num_replicas and each rank takes its slice of every one, so N ranks train on exactly the
+    batches one process sees with N x batch_size. It is a DistributedSampler so that Lightning
     does not wrap it: its DistributedSamplerWrapper shuffles the positions again and the grouping is lost.
     """
 
@@ -195,6 +197,7 @@ class InstructionDataModule(L.LightningDataModule):
     Args:
         base_model: model source whose tokenizer is used (linked from the model's `base_model` by the CLI).
         train_file / val_file: JSONL files of {"instruction", "input"?, "output"}; validated when the module is built.
+        test_file: the same, for `test` (perplexity of its answers); None: `test` asks for it.
         max_seq_length: tokens per example after truncation (prompt shortened first).
         batch_size: examples per micro-batch (per device).
         group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
@@ -208,6 +211,7 @@ class InstructionDataModule(L.LightningDataModule):
         base_model: str = "embedded",
         train_file: str = "data/train.jsonl",
         val_file: str = "data/validation.jsonl",
+        test_file: str | None = None,
         max_seq_length: int = 512,
         batch_size: int = 4,
         group_by_length: bool = True,
@@ -223,13 +227,12 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
-        self.train_file, self.val_file = train_file, val_file
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file, self.predict_output = predict_file, predict_output
         # Read now: a bad line fails here, before any model is loaded.
         self.train_records = read_records(train_file)
         self.val_records = read_records(val_file)
-        from medassist.dataprep import cross_file_warnings  # not at the top: dataprep imports this module
-
+        self.test_records = read_records(test_file) if test_file else None
         for warning in cross_file_warnings({train_file: self.train_records, val_file: self.val_records}):
             log.warning(warning)
         self.tokenizer = None
@@ -242,7 +245,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.base_model)
         self.train_set = tokenize_records(self.tokenizer, self.train_records, self.max_seq_length, self.train_file)
         self.val_set = tokenize_records(self.tokenizer, self.val_records, self.max_seq_length, self.val_file)
-        # Per-token loss weighting across micro-batches and ranks divides by this constant (see DESIGN.md).
+        if self.test_records is not None:
+            self.test_set = tokenize_records(self.tokenizer, self.test_records, self.max_seq_length, self.test_file)
+        # Supervised tokens of a mean micro-batch: the constant scale of the training loss (MedAssistLM._loss_scale).
         self.tokens_per_batch = self.batch_size * sum(self.train_set["supervised"]) / len(self.train_set)
 
     def _loader(self, dataset, train: bool):
@@ -253,7 +258,11 @@ class InstructionDataModule(L.LightningDataModule):
         # Lightning leaves DistributedSamplers alone (it would wrap or replace anything else under DDP).
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if train and self.group_by_length:
-            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed, num_replicas=world, rank=rank)
+            # Grouped in whole optimizer steps (accumulate_grad_batches micro-batches on every rank), each rank taking
+            # a contiguous slice: batch B x accumulation A on N ranks trains on the batches of batch B x A x N alone.
+            steps = self.trainer.accumulate_grad_batches if self.trainer else 1
+            sampler = LengthGroupedSampler(dataset["length"], self.batch_size * steps, self.seed, num_replicas=world,
+                                           rank=rank)
         elif train:
             sampler = DistributedSampler(columns, num_replicas=world, rank=rank, seed=self.seed)
         else:
@@ -274,6 +283,12 @@ class InstructionDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        if self.test_records is None:
+            raise UserError("test measures perplexity on held-out answers: give them with --data.test_file "
+                            "test.jsonl (one {\"instruction\", \"output\"} per line, like the training data)")
+        return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self):
         if not self.predict_file:

@@ -12,66 +12,18 @@ the whole source parsed. The checker lists bad lines, duplicates, overlap betwee
 import argparse
 import json
 import random
-import re
-import shutil
 import sys
-import tempfile
-import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
 from medassist import UserError
-from medassist.files import replace_dir
+from medassist.checks import NEAR, duplicates, normalise, overlap, pair_key, question_key
 from medassist.data import MAX_ERRORS, collect_records, listed, tokenize_example
+from medassist.files import atomic_dir
 
 SPLITS = ("train", "validation", "test")
-NEAR = "equal after Unicode NFKC, lower-casing, and dropping punctuation and extra whitespace"
-
-
-# ---- duplicates and overlap (also run by InstructionDataModule before training) ---------------------------------
-def normalise(text: str) -> str:
-    """What two texts must share to count as near duplicates: letters and digits, case-folded, single-spaced."""
-    return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", text).casefold()).split())
-
-
-def question_key(record: dict) -> str:
-    return normalise(f"{record['instruction']} {record.get('input') or ''}")
-
-
-def pair_key(record: dict) -> tuple[str, str]:
-    return question_key(record), normalise(record["output"])
-
-
-def duplicates(records: list[dict]) -> list[tuple[int, int]]:
-    """(index, index of its first copy) for every record whose question and answer repeat an earlier one."""
-    first, out = {}, []
-    for i, record in enumerate(records):
-        j = first.setdefault(pair_key(record), i)
-        if j != i:
-            out.append((i, j))
-    return out
-
-
-def overlap(reference: list[dict], other: list[dict]) -> tuple[list[int], list[int]]:
-    """Indices in `other` of (pairs found in `reference`, questions found there with another answer)."""
-    pairs = {pair_key(r) for r in reference}
-    questions = {key for key, _ in pairs}
-    keys = [pair_key(r) for r in other]
-    return [i for i, k in enumerate(keys) if k in pairs], [i for i, k in enumerate(keys)
-                                                          if k not in pairs and k[0] in questions]
-
-
-def cross_file_warnings(files: dict[str, list[dict]]) -> list[str]:
-    """Duplicates inside each file and pairs shared between files: the checks `fit` runs before training."""
-    hint = "; `python -m medassist.data check FILE...` lists their lines"
-    out = [f"{name}: {len(d)} duplicate pair(s) ({NEAR}){hint}" for name, recs in files.items()
-           if (d := duplicates(recs))]
-    for (a, ra), (b, rb) in combinations(files.items(), 2):
-        if shared := overlap(ra, rb)[0]:
-            out.append(f"{b}: {len(shared)} pair(s) also in {a}: its metrics are inflated by memorised answers{hint}")
-    return out
 
 
 # ---- importers: each returns [(topic, record)] and {reason for skipping: count} ---------------------------------
@@ -257,17 +209,12 @@ def write_splits(out: Path, splits: dict[str, list[dict]], summary: dict, overwr
     """train/validation/test.jsonl (empty splits omitted) + import.json, all or nothing (temp dir, then rename)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it, or another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for name, records in splits.items():
             if records:
                 with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (tmp / "import.json").write_text(json.dumps(summary, indent=2) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_import(args) -> None:

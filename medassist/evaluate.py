@@ -1,9 +1,10 @@
 """Evaluation: perplexity on reference answers, ROUGE-L of generated answers and the safety flags, together
-(ROUGE alone rewards wording, not correctness: LESSONS 18); a JSON report, a base-vs-fine-tuned chart, TensorBoard.
+(ROUGE alone rewards wording, not correctness: a MedQuAD fine-tuning study found it missed gains that human raters
+saw); a JSON report, a base-vs-fine-tuned chart, TensorBoard.
 
 `scripts/evaluate.py` is the command line. Perplexity runs the code Lightning validation runs (`tokenize_records`,
 `collate`, `MedAssistLM.response_nll`, token-weighted); answers come from `generate.answer_batch`, as users get
-them. `SampleAnswers` is a callback that logs answers to fixed questions at each validation.
+them. The `SampleAnswers` callback (answers to fixed questions at each validation) is in callbacks.py.
 """
 
 import gc
@@ -16,9 +17,9 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 
+from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run configs saved before it moved)
 from medassist.data import collate, read_records, tokenize_records
 from medassist.generate import Sampling, answer_batch, load_for_generation, read_adapter_meta
 
@@ -28,9 +29,9 @@ SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
 def load_lm(base_model: str, adapter: str | None, quantization: str, precision: str, device: str):
     """A MedAssistLM on `device` as validation sees it: the adapter loaded, or a zero LoRA (B = 0: exactly the base,
     the model Lightning's sanity check measures), in eval mode with the int8 CPU fast path of model.py."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
-    from medassist.loading import load_model
+    from medassist.loading import load_model, lora_config
     from medassist.model import MedAssistLM
 
     lm = MedAssistLM(base_model=base_model, quantization=quantization, precision=precision)
@@ -39,8 +40,7 @@ def load_lm(base_model: str, adapter: str | None, quantization: str, precision: 
     if adapter:
         lm.model = PeftModel.from_pretrained(base, adapter)
     else:
-        lm.model = get_peft_model(base, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha,
-                                                   target_modules=hp.target_modules, task_type="CAUSAL_LM"))
+        lm.model = get_peft_model(base, lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules))
     lm.eval()
     if torch.device(device).type == "cpu":
         lm._int8_fast_path()  # bnb's int8 inference path is ~100x slower on CPUs; same numbers (see model.py)
@@ -217,47 +217,6 @@ def log_tensorboard(results: dict, run_dir: str, step: int = 0) -> None:
                 for flag, count in r["flags"].items():
                     writer.add_scalar(f"eval/{name}/flags/{flag}", count, step)
                 shown = [a for a in r["answers"] if "answer" in a][:SAMPLES_SHOWN]
-                writer.add_text(f"eval/{name}/answers", "\n\n---\n\n".join(_markdown(a) for a in shown), step)
+                writer.add_text(f"eval/{name}/answers", "\n\n---\n\n".join(markdown(a) for a in shown), step)
 
 
-def _markdown(answer: dict) -> str:
-    flags = f"  \n*flags: {', '.join(answer['flags'])}*" if answer.get("flags") else ""
-    return f"**Q:** {answer['question']}  \n**A:** {answer['answer']}{flags}"
-
-
-class SampleAnswers(L.Callback):
-    """At every n-th validation (and before training: the base's answers), answers to a few fixed questions from the
-    model being trained, logged as TensorBoard text (`samples/<i>`). Greedy, safety layer applied.
-
-    Args:
-        questions: a few questions (each costs one batched generation of max_new_tokens per validation).
-        every_n_validations: log at validations n, 2n, ... (the one before training is always logged).
-        max_new_tokens: answer length; ~60 keeps it to seconds on a CPU.
-    """
-
-    def __init__(self, questions: list[str], every_n_validations: int = 1, max_new_tokens: int = 60):
-        self.questions, self.every = list(questions), max(1, every_n_validations)
-        self.sampling = Sampling(max_new_tokens=max_new_tokens)
-        self.validations = 0
-
-    def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self.validations += 1
-            if self.validations % self.every:
-                return
-        experiment = getattr(trainer.logger, "experiment", None)
-        if not trainer.is_global_zero or not self.questions or not hasattr(experiment, "add_text"):
-            return
-        # Generation seeds torch; keep the training RNG where it was so a run is the same with or without samples.
-        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            records = answer_batch(pl_module.model, trainer.datamodule.tokenizer, self.questions, self.sampling)
-        for i, record in enumerate(records):
-            text = _markdown(record) if "answer" in record else f"**Q:** {record['question']}  \n*{record['error']}*"
-            experiment.add_text(f"samples/{i}", text, trainer.global_step)
-
-    def state_dict(self):
-        return {"validations": self.validations}
-
-    def load_state_dict(self, state_dict):
-        self.validations = state_dict["validations"]

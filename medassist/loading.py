@@ -153,7 +153,9 @@ def load_tokenizer(source: str):
     except OSError as e:
         raise _hub_error(source, e) from e
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, never by id (LESSONS 3)
+        # Safe only because padding is masked by position (attention mask), never by id: masking every pad id would also
+        # mask each answer's eos, and the model would never learn to stop.
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -166,7 +168,8 @@ def load_model(
 ):
     """Load the base causal LM, quantized with bitsandbytes or not, computing in `compute_dtype(precision)`.
 
-    The model is created directly on `device` (quantized modules must not be moved afterwards, LESSONS 14).
+    The model is created directly on `device`: bitsandbytes refuses `.to()` on a quantized model (transformers
+    #24540), so nothing may move it afterwards.
     """
     from transformers import AutoModelForCausalLM
 
@@ -184,3 +187,22 @@ def load_model(
         raise _hub_error(source, e) from e
     model.config.use_cache = False  # training default; generation turns it back on
     return model
+
+
+def check_target_modules(target_modules: str | list[str]) -> None:
+    """Refuse LoRA on the output head or the embeddings: Gemma ties them, and a merged adapter on either lost the
+    trained head (unsloth #1971, peft #2018)."""
+    bad = {"lm_head", "embed_tokens"} & set([target_modules] if isinstance(target_modules, str) else target_modules)
+    if bad:
+        raise UserError(f"target_modules must not include {sorted(bad)}: Gemma ties the output head to the input "
+                        f"embeddings, and an adapter on either loses the trained head when merged. Target the "
+                        f"attention and MLP projections ('all-linear' or q_proj, v_proj, ...)")
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str]):
+    """The peft LoraConfig of every medassist adapter (training, the evaluator's zero adapter, the benchmark)."""
+    from peft import LoraConfig
+
+    check_target_modules(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")

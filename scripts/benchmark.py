@@ -171,10 +171,10 @@ def side_ours(args) -> dict:
 def side_baseline(args) -> dict:
     """The recipe medassist replaces: HF Trainer, batches padded to seq_len, logits for every position."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from medassist.loading import load_model
+    from medassist.loading import load_model, lora_config
 
     class Meter(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -197,10 +197,8 @@ def side_baseline(args) -> dict:
     torch.manual_seed(cfg["seed_everything"])  # same LoRA initialisation as ours (checked by lora_checksum)
     base = load_model(args.model, args.quant, args.precision, hp["attn_implementation"],
                       "cuda" if torch.cuda.is_available() else "cpu")
-    lora = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-                      target_modules=hp["target_modules"], task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)
-    dm.tokenizer.padding_side = "right"  # LESSONS 4
+    model = get_peft_model(base, lora_config(hp["lora_r"], hp["lora_alpha"], hp["lora_dropout"], hp["target_modules"]))
+    dm.tokenizer.padding_side = "right"  # Gemma gave NaN logits in training with left padding (transformers #30004)
     targs = TrainingArguments(
         output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=bs, max_steps=args.warmup + args.steps,
         learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"], lr_scheduler_type="constant",

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from medassist.data import (IGNORE_INDEX, InstructionDataModule, LengthGroupedSa
                             read_records, tokenize_example, tokenize_records)
 from medassist.prompts import END_OF_TURN, format_prompt
 
+ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"instruction": "What is asthma?", "input": "", "output": "Asthma is a long-term condition of the airways."}
 
 
@@ -125,6 +127,30 @@ def test_datamodule_rejects_bad_data_before_loading_a_model(tmp_path):
     bad = write(tmp_path / "train.jsonl", [GOOD, '{"instruction": "q", "output": 3}'])
     with pytest.raises(UserError, match="train.jsonl:2: 'output' must be a string"):
         InstructionDataModule(base_model="/nonexistent/model", train_file=str(bad), val_file=str(bad))
+
+
+def test_a_bad_test_file_is_rejected_with_the_others_before_loading_a_model(tmp_path):
+    good = write(tmp_path / "train.jsonl", [GOOD])
+    bad = write(tmp_path / "test.jsonl", [GOOD, '{"instruction": "q"}'])
+    with pytest.raises(UserError, match="test.jsonl:2: missing 'output'"):
+        InstructionDataModule(base_model="/nonexistent/model", train_file=str(good), val_file=str(good),
+                              test_file=str(bad))
+
+
+def test_the_sampler_groups_whole_accumulated_steps(tiny_model_dir, tmp_path):
+    """Batch 2 accumulated twice reads, step by step, the examples batch 4 reads: the same optimizer steps."""
+    from types import SimpleNamespace
+
+    lines = (ROOT / "data" / "train.jsonl").read_text().splitlines()[:24]
+    train = write(tmp_path / "train.jsonl", lines)
+    orders = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=str(train), val_file=str(train),
+                                     batch_size=batch_size)
+        data.trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=accumulate)
+        data.setup("fit")
+        orders.append(list(data.train_dataloader().sampler))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(24))
 
 
 def test_read_questions_keeps_good_lines_and_reports_bad_ones(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 from medassist import UserError
 from medassist.data import InstructionDataModule
-from medassist.dataprep import cross_file_warnings, deduplicate, main, normalise, split_by_topic
+from medassist.checks import cross_file_warnings, normalise
+from medassist.dataprep import deduplicate, main, split_by_topic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEDQUAD_XML = SHARED / "medquad-xml"
@@ -18,7 +19,7 @@ KEYS = ["instruction", "input", "output", "source", "qtype", "focus", "url", "id
 
 
 def run(*argv):
-    """main() in-process: (exit status, stdout, stderr)."""
+    """main() in-process: its exit status (read stdout and stderr with capsys)."""
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
     return e.value.code or 0
@@ -225,3 +226,11 @@ def test_python_m_medassist_data_reaches_the_importer(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_the_data_module_does_not_import_the_importers():
+    """Imports run one way: dataprep uses data, data (what training loads) never loads dataprep."""
+    code = "import sys, medassist.data; assert 'medassist.dataprep' not in sys.modules, 'data imports dataprep'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]

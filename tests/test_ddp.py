@@ -46,10 +46,17 @@ def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"), every_n_steps=3)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir, data, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = run_cli(*fit_args(tiny_model_dir, data, one, "--data.batch_size", "4"))
-    assert single.returncode == 0, single.stderr[-3000:]
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, data, tmp_path_factory):
+    """One process, batch 4: (its output directory, the finished process)."""
+    one = tmp_path_factory.mktemp("one")
+    result = run_cli(*fit_args(tiny_model_dir, data, one, "--data.batch_size", "4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return one, result
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir, data, single, tmp_path):
+    (one, single), two = single, tmp_path / "two"
     ddp = run_cli(*fit_args(tiny_model_dir, data, two, "--config", "configs/ddp.yaml", "--trainer.devices", "2",
                             "--data.batch_size", "2"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -79,6 +86,27 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir,
     assert base_ppl(ddp.stdout + ddp.stderr) == pytest.approx(base_ppl(single.stdout + single.stderr), rel=1e-5)
 
     single_adapter, ddp_adapter = adapter(one / "runs" / "lora" / "version_0"), adapter(run)
+    assert single_adapter.keys() == ddp_adapter.keys()
+    for name in single_adapter:
+        torch.testing.assert_close(ddp_adapter[name], single_adapter[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_processes_accumulating_two_batches_of_1_train_like_one_with_batch_4(tiny_model_dir, data, single,
+                                                                                   tmp_path):
+    """Per-token weighting over the whole accumulation window, on all ranks: every optimizer step sees the same 4
+    examples as one process with batch 4, in 4 micro-batches of different token counts, and ends at the same adapter."""
+    one, _ = single
+    ddp = run_cli(*fit_args(tiny_model_dir, data, tmp_path, "--config", "configs/ddp.yaml", "--trainer.devices", "2",
+                            "--data.batch_size", "1", "--trainer.accumulate_grad_batches", "2"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ranks = [read_jsonl(tmp_path / f"rank{r}.jsonl") for r in (0, 1)]
+    alone = read_jsonl(one / "rank0.jsonl")
+    assert len(ranks[0]) == len(ranks[1]) == 2 * STEPS
+    for step, r in enumerate(alone):
+        micro = [row for rows in ranks for row in rows[2 * step : 2 * step + 2]]
+        assert sorted(i for row in micro for i in row["examples"]) == sorted(r["examples"]), step
+    single_adapter, ddp_adapter = adapter(one / "runs" / "lora" / "version_0"), adapter(tmp_path / "runs" / "lora" /
+                                                                                        "version_0")
     assert single_adapter.keys() == ddp_adapter.keys()
     for name in single_adapter:
         torch.testing.assert_close(ddp_adapter[name], single_adapter[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -155,7 +183,7 @@ def test_fsdp_config_builds_the_strategy_with_our_wrap_policy():
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
 
-    from medassist.model import fsdp_wrap_policy
+    from medassist.strategies import fsdp_wrap_policy
 
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy)
@@ -177,7 +205,8 @@ def test_int8_with_fsdp_is_refused_before_anything_loads(tmp_path, capsys):
 
 def test_fsdp_wrap_policy_gives_every_unit_one_dtype(tiny_model_dir):
     """FSDP flattens each unit into one tensor: with nf4 stored as bf16 and fp32 adapters, the policy must split."""
-    from medassist.model import MedAssistLM, fsdp_wrap_policy
+    from medassist.model import MedAssistLM
+    from medassist.strategies import fsdp_wrap_policy
 
     module = MedAssistLM(base_model=str(tiny_model_dir), quantization="nf4", precision="bf16")
     module.configure_model()

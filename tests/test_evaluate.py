@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medassist.data import InstructionDataModule, read_records
-from medassist.evaluate import SampleAnswers, load_lm, perplexity
+from medassist.callbacks import SampleAnswers
+from medassist.evaluate import load_lm, perplexity
 from medassist.loading import load_tokenizer
 from medassist.model import MedAssistLM
 
@@ -69,7 +70,11 @@ def run_script(*args):
 
 
 def test_evaluate_script_compares_base_and_fine_tuned(tiny_model_dir, adapter, files, tmp_path):
-    _, val = files
+    # 4 validation pairs and one emergency question: the flags report has something to count
+    emergency = {"instruction": "My father has crushing chest pain and is sweating, what should I do?",
+                 "output": "Call your local emergency number now."}
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(files[1].read_text().splitlines(keepends=True)[:4]) + json.dumps(emergency) + "\n")
     result = run_script("--adapter", adapter, "--base-model", tiny_model_dir, "--data", val, "--limit", 5,
                         "--max-new-tokens", 8, "--compare-base", "--output", tmp_path / "report.json",
                         "--tensorboard", tmp_path / "tb", "--quantization", "none", "--precision", "fp32")
@@ -80,7 +85,10 @@ def test_evaluate_script_compares_base_and_fine_tuned(tiny_model_dir, adapter, f
         assert r["perplexity"] > 1 and r["response_tokens"] > 0
         assert set(r["rougeL"]) == {"fmeasure", "precision", "recall"} and 0 <= r["rougeL"]["fmeasure"] <= 1
         assert r["answered"] + r["errors"] == 5 and len(r["answers"]) == 5
-        assert all(isinstance(n, int) for n in r["flags"].values())
+        from collections import Counter
+
+        assert r["flags"] == dict(Counter(f for a in r["answers"] for f in a.get("flags", [])))  # the answers' sum
+        assert r["flags"]["emergency"] >= 1 and "emergency" in r["answers"][4]["flags"]
         assert {"answer", "reference", "flags", "rougeL"} <= set(r["answers"][0])
     assert report["results"]["base"]["perplexity"] != report["results"]["fine-tuned"]["perplexity"]
     assert set(report["comparison"]) == {"perplexity_change", "rougeL_f_change"}
@@ -174,7 +182,8 @@ def test_medquad_recipe_layers_on_lora_yaml_and_keeps_its_callbacks():
     assert result.returncode == 0, result.stderr[-2000:]
     config = yaml.safe_load(result.stdout)
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert callbacks.count("lightning.pytorch.callbacks.ModelCheckpoint") == 2  # lora.yaml's are kept
-    assert callbacks.count("medassist.evaluate.SampleAnswers") == 1 and callbacks[-1] == "medassist.evaluate.SampleAnswers"
-    assert config["data"]["train_file"] == "../shared/data/medquad/train.jsonl" and config["trainer"]["max_steps"] > 0
+    assert callbacks.count("lightning.pytorch.callbacks.ModelCheckpoint") == 1  # lora.yaml's last.ckpt is kept
+    assert callbacks.count("medassist.callbacks.SampleAnswers") == 1 and callbacks[-1] == "medassist.callbacks.SampleAnswers"
+    # where README's import writes it: python -m medassist.data import medquad ... --out data/medquad/
+    assert config["data"]["train_file"] == "data/medquad/train.jsonl" and config["trainer"]["max_steps"] > 0
     SampleAnswers(**config["trainer"]["callbacks"][-1]["init_args"])

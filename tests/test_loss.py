@@ -1,5 +1,5 @@
 """The fast answer-only loss equals the plain full-logits cross-entropy, gradients included, and its memory stays
-bounded by the chunk budget whatever the number of tokens (Gemma's vocabulary is 262k)."""
+bounded by the chunk budget (loss_chunk_mib) whatever the number of tokens (Gemma's vocabulary is 262k)."""
 
 import weakref
 
@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medassist.data import IGNORE_INDEX, collate, tokenize_example
-from medassist.model import MedAssistLM, _ChunkedCrossEntropy, chunked_cross_entropy
+from medassist.loss import _ChunkedCrossEntropy, chunked_cross_entropy
+from medassist.model import MIB, MedAssistLM
 
 RECORDS = [
     {"instruction": "What is the common cold?", "output": "A mild viral infection of the nose and throat."},
@@ -57,8 +58,10 @@ def lora_grads(lm):
 
 @pytest.mark.parametrize("chunk_size, vocab_block", [(1, 8192), (3, 8192), (7, 100), (3, 64), (1000, 8192)])
 def test_response_nll_equals_full_logits(lm, batch, monkeypatch, chunk_size, vocab_block):
+    """chunk_size: rows of the whole vocabulary per chunk, given as the MiB of fp32 logits they take."""
     monkeypatch.setattr(_ChunkedCrossEntropy, "VOCAB_BLOCK", vocab_block)  # small blocks: vocabulary blocking runs
-    monkeypatch.setitem(lm.hparams, "loss_chunk_size", chunk_size)
+    vocab = lm.model.get_base_model().get_output_embeddings().weight.shape[0]
+    monkeypatch.setitem(lm.hparams, "loss_chunk_mib", chunk_size * vocab * 4 / MIB)
     assert (batch["attention_mask"] == 0).any() and (batch["labels"] == IGNORE_INDEX).any()
 
     lm.model.zero_grad()
@@ -88,7 +91,7 @@ def test_equals_full_logits_on_hidden_states(monkeypatch, softcap, chunk_size, v
     targets = torch.randint(0, 250, (37,))
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
 
-    ours = chunked_cross_entropy(h1, weight, targets, chunk_size, softcap)
+    ours = chunked_cross_entropy(h1, weight, targets, chunk_size * len(weight) * 4, softcap)
     ref = full_logits_nll(h2, weight, targets, softcap)
     (2 * ours).backward()  # a non-unit upstream gradient
     (2 * ref).backward()
@@ -114,7 +117,7 @@ def test_bf16_close_to_fp32():
 
 def test_no_supervised_tokens(lm, batch):
     hidden = torch.zeros(0, 16, requires_grad=True)
-    nll = chunked_cross_entropy(hidden, torch.randn(250, 16), torch.zeros(0, dtype=torch.long), 4, 3.0)
+    nll = chunked_cross_entropy(hidden, torch.randn(250, 16), torch.zeros(0, dtype=torch.long), 4000, 3.0)
     nll.backward()
     assert nll.item() == 0 and hidden.grad.shape == (0, 16)
 
@@ -165,7 +168,18 @@ def test_memory_is_bounded_by_the_chunk_budget():
     weight, targets = torch.randn(vocab, 8), torch.randint(0, vocab, (tokens,))
     budget = chunk_size * vocab * 4  # bytes of one fp32 block: 4 MB
     with LiveBytes() as mem:
-        chunked_cross_entropy(hidden, weight, targets, chunk_size).backward()
+        chunked_cross_entropy(hidden, weight, targets, chunk_bytes=budget).backward()
     assert mem.largest <= budget
     assert mem.peak <= 2.5 * budget  # measured: 2.0 x budget + the saved (tokens, 8) gradient
     assert mem.peak < tokens * vocab * 4 / 50  # full fp32 logits: 1 GB
+
+
+def test_chunk_budget_is_memory_and_the_old_knob_still_means_rows_of_the_vocabulary(tiny_model_dir):
+    """loss_chunk_mib is MiB of fp32 logits; the old loss_chunk_size (rows x vocabulary) maps to the same bytes."""
+    vocab = 262144
+    new = MedAssistLM(base_model=str(tiny_model_dir), loss_chunk_mib=32)
+    old = MedAssistLM(base_model=str(tiny_model_dir), loss_chunk_size=32)
+    assert new._chunk_bytes(vocab) == old._chunk_bytes(vocab) == 32 * MIB  # 32 rows x 262k x 4 B = 32 MiB
+    assert MedAssistLM(base_model=str(tiny_model_dir), loss_chunk_mib=250)._chunk_bytes(256000) == 256 * 256000 * 4
+    with pytest.raises(Exception, match="loss_chunk_mib must be positive"):
+        MedAssistLM(base_model=str(tiny_model_dir), loss_chunk_mib=0)

@@ -1,17 +1,20 @@
-"""The LightningModule on a tiny random Gemma-3: loss, perplexity, frozen base, adapters, checkpoints."""
+"""The LightningModule on a tiny random Gemma-3: loss, perplexity (validation and test), per-token gradient weighting
+across accumulated micro-batches, frozen base, adapters, checkpoints."""
 
 import json
 import math
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 from medassist import UserError
-from medassist.data import collate, tokenize_example
+from medassist.data import InstructionDataModule, collate, read_records, tokenize_example
 from medassist.model import MedAssistLM
+from medassist.prompts import TEMPLATE_NAME
 
 QA = [("What is asthma?", "Asthma is a condition of the airways that makes breathing hard at times."),
       ("How can I sleep better?", "Keep a regular bedtime, avoid screens late and keep the room dark."),
@@ -106,7 +109,7 @@ def test_saved_adapter_reloads_in_a_fresh_process_with_the_same_logits(tiny_mode
         expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     adapter = module.save_adapter(tmp_path / "lora_adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "medassist.json"} <= {p.name for p in adapter.iterdir()}
-    assert json.loads((adapter / "medassist.json").read_text())["template"] == "gemma-turn-v1"
+    assert json.loads((adapter / "medassist.json").read_text())["template"] == TEMPLATE_NAME
     torch.save(batch, tmp_path / "batch.pt")
     script = f"""
 import torch
@@ -130,4 +133,102 @@ def test_checkpoint_holds_only_the_adapter(tiny_model_dir):
     module.on_save_checkpoint(checkpoint)
     kept = checkpoint["state_dict"]
     assert kept and all("lora_" in k for k in kept)
-    assert len(kept) < len(full) and checkpoint["medassist"]["template"] == "gemma-turn-v1"
+    assert len(kept) < len(full) and checkpoint["medassist"]["template"] == TEMPLATE_NAME
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    """8 training pairs whose answers differ in length (so a step's tokens differ from the mean), 3 test pairs."""
+    def write(name, pairs):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs))
+        return str(path)
+
+    long = " ".join(a for _, a in QA)
+    train = [(q, a) for q, a in QA] + [(q + " Explain.", long) for q, _ in QA] + [("Why?", "Because."), ("Ok?", "Yes.")]
+    return write("train.jsonl", train), write("test.jsonl", QA)
+
+
+def quiet_trainer(tmp_path, **kwargs):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                     default_root_dir=tmp_path, **kwargs)
+
+
+class Record(L.Callback):
+    """The adapter weights before training, every micro-batch, and the gradients the optimizer step uses."""
+
+    def __init__(self):
+        self.batches, self.grads = [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and self.grads is None:  # after the step; zeroed before the next window
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def test_an_accumulated_step_weighs_every_supervised_token_the_same(tiny_model_dir, jsonl, tmp_path):
+    """The gradient of one optimizer step over 2 micro-batches is the exact per-token mean of the whole window:
+    sum of token NLL gradients / the window's supervised tokens, not / a dataset-mean constant."""
+    train, _ = jsonl
+    data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=train, val_file=train, batch_size=2)
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32", lora_dropout=0.0)
+    record = Record()
+    quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, callbacks=[record]).fit(module, datamodule=data)
+
+    assert len(record.batches) == 2
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in record.batches)
+    assert abs(tokens - 2 * data.tokens_per_batch) > 0.1 * tokens  # the old constant would give another gradient
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                param.copy_(record.start[name])
+    module.zero_grad()
+    (sum(module.response_nll(b)[0] for b in record.batches) / tokens).backward()
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(record.grads[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_batch_4_trains_the_same_adapter_as_batch_2_accumulated_twice(tiny_model_dir, jsonl, tmp_path):
+    train, _ = jsonl
+    adapters = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=train, val_file=train,
+                                     batch_size=batch_size)
+        module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32", lora_dropout=0.0,
+                             learning_rate=1e-2, warmup_steps=0)
+        quiet_trainer(tmp_path / f"b{batch_size}", max_steps=4, accumulate_grad_batches=accumulate,
+                      gradient_clip_val=0.1).fit(module, datamodule=data)  # clipping on: it sees the weighting too
+        adapters.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert any(w.abs().sum() > 0 for n, w in adapters[0].items() if "lora_B" in n)  # it trained (B starts at 0)
+    for name, weight in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_test_step_is_the_perplexity_of_the_test_answers(tiny_model_dir, jsonl, tmp_path):
+    train, test = jsonl
+    data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=train, val_file=train, test_file=test,
+                                 batch_size=2)
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    (metrics,) = quiet_trainer(tmp_path).test(module, datamodule=data)
+
+    rows = [tokenize_example(data.tokenizer, r, data.max_seq_length) for r in read_records(test)]
+    with torch.no_grad():
+        nll, n = module.response_nll(collate(rows, data.tokenizer.pad_token_id))  # all 3 at once: token-weighted
+    assert metrics["test/ppl"] == pytest.approx(math.exp(nll.item() / n.item()), rel=1e-4)
+    assert metrics["test/loss"] == pytest.approx(nll.item() / n.item(), rel=1e-4)
+
+
+def test_test_without_a_test_file_says_which_option_to_give(tiny_model_dir, jsonl, tmp_path):
+    train, _ = jsonl
+    data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=train, val_file=train)
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    with pytest.raises(UserError, match="--data.test_file"):
+        quiet_trainer(tmp_path).test(module, datamodule=data)

@@ -120,7 +120,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
     """torch.save is cut off half way by SIGKILL: last.ckpt is still the previous, complete checkpoint."""
     script = f"""
 import os, signal, torch
-from medassist.model import AtomicCheckpointIO
+from medassist.callbacks import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), {str(tmp_path / "last.ckpt")!r}
 io.save_checkpoint({{"global_step": 3, "w": torch.ones(1000)}}, path)
 def torn_save(obj, f):
@@ -138,7 +138,7 @@ io.save_checkpoint({{"global_step": 6, "w": torch.zeros(1000)}}, path)
 
 
 def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from medassist.model import AtomicCheckpointIO
+    from medassist.callbacks import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 3}, path)
@@ -246,3 +246,80 @@ def test_replace_dir_falls_back_where_there_is_no_exchange(tmp_path, monkeypatch
     fresh.mkdir()
     replace_dir(fresh, tmp_path / "absent")  # no target yet: a plain rename
     assert (tmp_path / "absent").is_dir() and not fresh.exists()
+
+
+def test_a_failed_jsonl_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    from medassist.files import write_jsonl_atomic
+
+    path = tmp_path / "answers.jsonl"
+    write_jsonl_atomic(path, [{"answer": "old"}])
+    with pytest.raises(TypeError):  # the second record cannot be written: the failure comes mid-file
+        write_jsonl_atomic(path, [{"answer": "new"}, {"answer": object()}])
+    assert path.read_text() == '{"answer": "old"}\n' and [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]
+
+
+def test_a_failed_directory_write_keeps_the_old_one_and_leaves_no_temporary_directory(tmp_path):
+    from medassist.files import atomic_dir
+
+    target = tmp_path / "lora_adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "adapter.safetensors").write_text("old")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(target) as tmp:
+            (tmp / "adapter.safetensors").write_text("half")
+            raise OSError(28, "No space left on device")
+    assert _tree(target) == {"adapter.safetensors": "old"} and [p.name for p in tmp_path.iterdir()] == ["lora_adapter"]
+
+
+def test_a_failed_adapter_save_leaves_no_temporary_directory(tiny_model_dir, tmp_path, monkeypatch):
+    from medassist.model import MedAssistLM
+
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    module.configure_model()
+
+    def full_disk(directory, **kwargs):
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.model, "save_pretrained", full_disk)
+    with pytest.raises(OSError):
+        module.save_adapter(tmp_path / "lora_adapter")
+    assert list(tmp_path.iterdir()) == []  # no .lora_adapter-* left behind, and no half adapter
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("what", ["jsonl", "new dir", "replaced dir", "checkpoint"])
+def test_every_rename_is_followed_by_an_fsync_of_its_directory(tmp_path, monkeypatch, what, exchange):
+    """A rename lives in the directory's blocks: without syncing the directory, a power loss can undo it."""
+    import os
+    import stat
+
+    from medassist import files
+
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(b).parent)), real_replace(a, b)))
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync dir", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if not exchange:
+        monkeypatch.setattr("ctypes.CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    if what == "jsonl":
+        files.write_jsonl_atomic(tmp_path / "out.jsonl", [{"a": 1}])
+    elif what == "checkpoint":
+        from medassist.callbacks import AtomicCheckpointIO
+
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    else:
+        if what == "replaced dir":
+            (tmp_path / "out").mkdir()
+        with files.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("new")
+        assert (tmp_path / "out" / "x").read_text() == "new"
+    assert events and events[-1] == ("fsync dir", tmp_path)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert all(any(kind == "fsync dir" for kind, _ in events[i + 1:]) for i in renames)

@@ -1,0 +1,161 @@
+"""Callbacks and the checkpoint writer of a fit: the adapters (end of fit, best validation), SIGTERM handling, sample
+answers in TensorBoard, and checkpoint files written atomically. The LightningModule is in model.py."""
+
+import math
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from medassist.files import write_file_atomic
+from medassist.generate import Sampling, answer_batch
+
+
+class AdapterCheckpoint(L.Callback):
+    """Saves the adapter to <run>/lora_adapter at the end of fit and to <run>/lora_adapter_best when val/ppl improves.
+
+    The one owner of "the best model": the configs keep no ModelCheckpoint on val/ppl beside it. Nothing is written
+    after a crash or a NaN: the last good adapters stay where they were.
+    """
+
+    def __init__(self, monitor: str = "val/ppl"):
+        self.monitor, self.best, self.validated_at = monitor, math.inf, None
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None:
+            self.validated_at = trainer.global_step
+        if trainer.sanity_checking or value is None or not value < self.best:
+            return
+        self.best = float(value)
+        self._save(trainer, pl_module, "lora_adapter_best", val_ppl=self.best)
+
+    def on_fit_end(self, trainer, pl_module):
+        ppl = trainer.callback_metrics.get(self.monitor)
+        path = self._save(trainer, pl_module, "lora_adapter", val_ppl=None if ppl is None else float(ppl))
+        base = "n/a" if pl_module.base_ppl is None else f"{pl_module.base_ppl:.3f}"
+        final = "n/a" if ppl is None else f"{float(ppl):.3f}"
+        if ppl is not None and self.validated_at not in (None, trainer.global_step):  # e.g. stopped by max_time
+            final += f" (measured at step {self.validated_at}; the adapter is from step {trainer.global_step})"
+        rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
+
+    @staticmethod
+    def _save(trainer, pl_module, name: str, **extra) -> Path | None:
+        # Every rank must take part: log_dir is a broadcast, and FSDP gathers the state dict from all shards.
+        run, state = Path(trainer.log_dir), trainer.strategy.lightning_module_state_dict()
+        return pl_module.save_adapter(run / name, state, **extra) if trainer.is_global_zero else None
+
+    def state_dict(self):
+        return {"best": self.best, "validated_at": self.validated_at}
+
+    def load_state_dict(self, state_dict):
+        self.best, self.validated_at = state_dict["best"], state_dict.get("validated_at")
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what schedulers send before killing a job) write last.ckpt, so `fit --ckpt_path last` resumes.
+
+    Every rank must stop at the same point: one that stops alone leaves the others waiting in a collective.
+    Lightning's own handler broadcasts from inside the signal handler, where it can meet another collective in flight
+    and hang DDP (Lightning #20806; seen here with 2 CPU processes). This handler only notes the signal; after each
+    optimizer step and validation batch the ranks add up their notes, and all stop together if any was signalled.
+    """
+
+    def __init__(self):
+        self.installed, self.signalled, self.step = False, False, -1
+
+    def on_train_start(self, trainer, pl_module):
+        # Lightning has installed its handlers by now; it puts the original ones back after fit.
+        signal.signal(signal.SIGTERM, self._note)
+        self.installed = True
+
+    def _note(self, signum, frame):
+        self.signalled = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:  # an optimizer step, not a micro-batch inside one
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stop_if_signalled(trainer, pl_module)
+
+    def _stop_if_signalled(self, trainer, pl_module):
+        if not self.installed:  # not fitting, or the sanity check before training
+            return
+        votes = trainer.strategy.reduce(torch.tensor(float(self.signalled), device=pl_module.device), reduce_op="sum")
+        if votes > 0:
+            raise SIGTERMException  # on every rank at once; on_exception below saves
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException):
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
+                return
+
+
+class SampleAnswers(L.Callback):
+    """At every n-th validation (and before training: the base's answers), answers to a few fixed questions from the
+    model being trained, logged as TensorBoard text (`samples/<i>`). Greedy, safety layer applied.
+
+    Args:
+        questions: a few questions (each costs one batched generation of max_new_tokens per validation).
+        every_n_validations: log at validations n, 2n, ... (the one before training is always logged).
+        max_new_tokens: answer length; ~60 keeps it to seconds on a CPU.
+    """
+
+    def __init__(self, questions: list[str], every_n_validations: int = 1, max_new_tokens: int = 60):
+        self.questions, self.every = list(questions), max(1, every_n_validations)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens)
+        self.validations = 0
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validations += 1
+            if self.validations % self.every:
+                return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not trainer.is_global_zero or not self.questions or not hasattr(experiment, "add_text"):
+            return
+        # Generation seeds torch; keep the training RNG where it was so a run is the same with or without samples.
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            records = answer_batch(pl_module.model, trainer.datamodule.tokenizer, self.questions, self.sampling)
+        for i, record in enumerate(records):
+            text = markdown(record) if "answer" in record else f"**Q:** {record['question']}  \n*{record['error']}*"
+            experiment.add_text(f"samples/{i}", text, trainer.global_step)
+
+    def state_dict(self):
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict):
+        self.validations = state_dict["validations"]
+
+
+def markdown(answer: dict) -> str:
+    """One answer record as TensorBoard text: question, answer, and the safety flags that fired."""
+    flags = f"  \n*flags: {', '.join(answer['flags'])}*" if answer.get("flags") else ""
+    return f"**Q:** {answer['question']}  \n**A:** {answer['answer']}{flags}"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its final name, syncs it to disk, then renames: a kill mid-save keeps the old file.
+
+    Lightning's own save stages the file in $TMPDIR and moves it into place; when that is another filesystem (a tmpfs
+    /tmp, a network checkpoint directory) the move is a copy onto the final name, which a kill leaves half-written.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic step there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        write_file_atomic(path, lambda f: torch.save(checkpoint, f))
