@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medassist.files import write_file_atomic
-from medassist.generate import Sampling, answer_batch
+from medassist.generate import answer_batch
+from medassist.sampling import Sampling
 
 
 class AdapterCheckpoint(L.Callback):

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medassist import UserError
 from medassist.data import InstructionDataModule
-from medassist.model import AtomicCheckpointIO, MedAssistLM
+from medassist.callbacks import AtomicCheckpointIO
+from medassist.model import MedAssistLM
 
 log = logging.getLogger("medassist")
 

@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 from medassist import UserError
 from medassist.checks import cross_file_warnings
 from medassist.records import read_questions  # noqa: F401 (re-exported: the predict loader uses it)
-from medassist.prompts import END_OF_TURN, MODEL, format_prompt
+from medassist.prompts import END_OF_TURN, encode_prompt, encode_text, prompt_tail_length
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
     the answer's tail cut (and its end-of-turn dropped, so the model never learns to stop mid-sentence).
     """
     prompt = encode_prompt(tokenizer, record["instruction"], record.get("input") or "")
-    answer = _encode(tokenizer, record["output"].strip()) + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    answer = encode_text(tokenizer, record["output"].strip()) + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     truncated = len(prompt) + len(answer) > max_seq_length
     if truncated:
         keep_prompt = max(max_seq_length - len(answer), min(len(prompt), max_seq_length // 2))
         if keep_prompt < len(prompt):
-            tail = _prompt_tail_length(tokenizer)  # "<end_of_turn>\n<start_of_turn>model\n" stays intact
+            tail = prompt_tail_length(tokenizer)  # "<end_of_turn>\n<start_of_turn>model\n" stays intact
             prompt = prompt[: keep_prompt - tail] + prompt[-tail:]
         answer = answer[: max_seq_length - len(prompt)]
     return {
@@ -113,20 +113,6 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
         "truncated": truncated,
     }
-
-
-def encode_prompt(tokenizer, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt, exactly as training saw it (generation calls this too)."""
-    return _encode(tokenizer, format_prompt(instruction, input), bos=True)
-
-
-def _encode(tokenizer, text: str, bos: bool = False) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id] + ids if bos and tokenizer.bos_token_id is not None else ids
-
-
-def _prompt_tail_length(tokenizer) -> int:
-    return len(_encode(tokenizer, f"{END_OF_TURN}\n{MODEL}"))
 
 
 def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: str = "data"):
@@ -298,7 +284,9 @@ class InstructionDataModule(L.LightningDataModule):
                                            collate_fn=list)
 
 
-if __name__ == "__main__":
-    from medassist.dataprep import main
+if __name__ == "__main__":  # `python -m medassist.data import|check`: the same as `python -m medassist import|check`
+    import sys
 
-    main()
+    from medassist.commands import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -309,5 +309,5 @@ def main(argv=None) -> None:
     try:
         sys.exit(run_check(args) if args.command == "check" else run_import(args))
     except UserError as e:
-        print(f"medassist: error: {e}", file=sys.stderr)
+        print(e.line(args.command), file=sys.stderr)
         sys.exit(2)

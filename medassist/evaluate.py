@@ -21,7 +21,8 @@ import torch
 
 from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run configs saved before it moved)
 from medassist.data import collate, read_records, tokenize_records
-from medassist.generate import Sampling, answer_batch, load_for_generation, read_adapter_meta
+from medassist.generate import answer_batch, load_for_generation, read_adapter_meta
+from medassist.sampling import Sampling
 
 SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
 

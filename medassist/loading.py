@@ -87,7 +87,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a Hugging Face directory (safetensors + tokenizer) at `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s to a Hugging Face directory at %s (once; about a minute)", gguf, out)
+    log.info("converting %s to a Hugging Face directory at %s (once; about a minute)", gguf, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a GGUF-loaded model; the weights are already dequantized, so drop the marker.

@@ -18,13 +18,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from medassist import UserError
-from medassist.callbacks import AdapterCheckpoint, AtomicCheckpointIO, CheckpointOnSigterm  # noqa: F401 (cli.py)
+from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm
 from medassist.data import IGNORE_INDEX
 from medassist.files import ADAPTER_META, atomic_dir
-from medassist.generate import Sampling, answer_batch
+from medassist.generate import answer_batch
+from medassist.sampling import Sampling
 from medassist.loading import Precision, Quantization, check_target_modules, load_model, lora_config
 from medassist.loss import chunked_cross_entropy
-from medassist.prompts import TEMPLATE_NAME
+from medassist.prompts import TEMPLATE_NAME, check_template
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +279,7 @@ class MedAssistLM(L.LightningModule):
                            f"epoch {checkpoint['epoch']}")
         meta = checkpoint.get("medassist", {})
         self.base_ppl = meta.get("base_ppl")
-        if meta.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
-            raise UserError(f"checkpoint was trained with prompt template {meta['template']!r}, "
-                            f"this code uses {TEMPLATE_NAME!r}; resume with the matching medassist version")
+        check_template(meta.get("template"), "checkpoint", "Resume with the matching medassist version")
         if self._trainer is not None and "world_size" in meta:
             self._warn_on_layout_change(meta)
 

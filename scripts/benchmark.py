@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from medassist.data import IGNORE_INDEX
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from medassist.data import IGNORE_INDEX  # noqa: E402
 
 QUESTION = "What are the common symptoms of type 2 diabetes, and when should someone see a doctor?"
 GEMMA_2B = dict(hidden_size=2048, num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256,

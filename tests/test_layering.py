@@ -58,15 +58,10 @@ def import_graph() -> dict[str, set[str]]:
     return {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
 
 
-# Being removed by the training-side half of issue 11 (data.py's DataModule takes cross_file_warnings from dataprep,
-# dataprep takes the readers from data): delete this entry once that lands. Nothing else may be added here.
-PENDING = {("medassist.data", "medassist.dataprep")}
-
-
 def test_no_two_modules_import_each_other():
     graph = import_graph()
     pairs = {tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())}
-    assert not pairs - PENDING, f"modules that import each other: {sorted(pairs - PENDING)}"
+    assert not pairs, f"modules that import each other: {sorted(pairs)}"
 
 
 def test_answer_side_never_imports_the_training_side_even_lazily():

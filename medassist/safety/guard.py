@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 
 from medassist.safety.lines import DISCLAIMER, GUARD_FLAGS
-from medassist.safety.rules import CONDITIONAL, GUARD_RULES, PHONE_REGIONS, REAL_SERVICES
+from medassist.safety.rules import CONDITIONAL, DOSE_OBJECT, GUARD_RULES, PHONE_REGIONS, REAL_SERVICES
 from medassist.safety.text import normalise
 
 # A model sentence that shares this share of its words with a fixed line says the same thing again.
@@ -65,7 +65,14 @@ def rule_sentence_flags(sentence: str) -> list[str]:
 @lru_cache(maxsize=4096)
 def sentence_flags(sentence: str) -> tuple[str, ...]:
     """The guard flags one generated sentence raises, from the rules or the guard model (empty: it may be shown)."""
-    return tuple(rule_sentence_flags(sentence))  # GUARD-MODEL-PENDING
+    from medassist.safety import triage
+
+    model = triage.guard_model()
+    by_model = model.flags(model.probabilities([sentence])[0])
+    if "dose_removed" in by_model and not re.search(DOSE_OBJECT, normalise(sentence)):
+        by_model.discard("dose_removed")
+    fired = set(rule_sentence_flags(sentence)) | by_model
+    return tuple(f for f in GUARD_FLAGS if f in fired)
 
 
 class StreamGuard:

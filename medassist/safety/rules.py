@@ -127,7 +127,8 @@ STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|p
 # Animals are not human emergencies ("our dog ate a battery"); a person named beside one keeps the rules on.
 ANIMAL = (r"\b(dog|dogs|puppy|cat|cats|kitten|pet|parrot|bird|budgie|hamster|rabbit|bunny|guinea pig|horse|pony|goat"
           r"|sheep|cow|calf|pig|chicken|hen|duck|fish|tortoise|turtle|snake|lizard|ferret|rat|mouse|vet)\b")
-HUMAN = (r"\b(i|i'm|me|myself|baby|infant|newborn|toddler|child|kid|son|daughter|boy|girl|husband|wife|partner|mum|mom"
+# The asker's own "I" is in nearly every message and says nothing; "me", "myself", "I'm" make the person the subject.
+HUMAN = (r"\b(i'm|i am|me|myself|baby|infant|newborn|toddler|child|kid|son|daughter|boy|girl|husband|wife|partner|mum|mom"
          r"|mother|dad|father|brother|sister|friend|grandma|grandmother|grandad|grandpa|grandfather|nan|man|woman|person"
          r"|patient|colleague|neighbou?r)\b")
 # Accidental injuries are not self-harm ("I cut myself while cooking").
@@ -388,6 +389,9 @@ GUARD_RULES = {
         "email": (r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b",),
     },
 }
+# The guard model's dose flag counts only where something is being dosed: a medicine, a dose unit or a pronoun for
+# one ("Get 30 minutes of exercise 5 days a week." reads like a schedule but doses nothing).
+DOSE_OBJECT = "(" + MEDICINE + "|" + _UNIT + r"|\b(it|them|these|those|one|dose|doses|dosage|remedy|supplement)\b)"
 # Regions whose number formats libphonenumber checks a generated sentence against (our readers' likely ones).
 PHONE_REGIONS = ("US", "GB", "IN", "AU", "CA", "IE", "NZ", "DE", "FR", "ES", "IT", "ZA", "PH", "NG")
 # Real services a reader may be told to call, as national significant numbers (no country code, no trunk 0): kept.

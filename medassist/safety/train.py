@@ -44,19 +44,31 @@ class Task:
     train: tuple[Path, ...]
     dev: Path
     out: Path
+    # The guard model may only remove doses and diagnoses, the language problems: contacts are a lookup (the real
+    # services stay, libphonenumber finds the rest) and clinician claims are a short list of wordings, and a model
+    # there removed "I'm not a doctor, but ..." and Poison Control's number on the development split. Its
+    # thresholds are set for precision (no kept sentence of the development split removed), because the rules
+    # already reach the target recall there and a guard that removes "call 911" does harm.
+    model_labels: tuple[str, ...]
+    precision_first: bool
 
 
 TASKS = {
     "triage": Task(SCREEN_FLAGS, "questions", rule_flags,
                    {"emergency": 0.99, "crisis": 1.0, "dosing_request": 0.97, "diagnosis_request": 0.97,
-                    "prompt_injection": 0.95}, True, (DATA / "train",), DATA / "dev" / "questions.jsonl", MODEL_DIR),
+                    "prompt_injection": 0.95}, True, (DATA / "train",), DATA / "dev" / "questions.jsonl", MODEL_DIR,
+                   SCREEN_FLAGS, False),
     "guard": Task(GUARD_FLAGS, "guard", lambda text: set(rule_sentence_flags(text)),
                   {"dose_removed": 0.98, "diagnosis_removed": 0.98, "doctor_claim_removed": 0.95,
                    "contact_removed": 0.95}, False, (DATA / "train-guard",), DATA / "dev" / "guard.jsonl",
-                  GUARD_MODEL_DIR),
+                  GUARD_MODEL_DIR, ("dose_removed", "diagnosis_removed"), True),
 }
 MIN_THRESHOLD = 0.02  # below this the head fires on nearly everything: the target is reported as missed instead
 MAX_THRESHOLD = 0.5
+PRECISION_CAP = 0.98  # a precision-first threshold never rises above this: the model must still be able to fire
+# ... and never falls below this: 200 development sentences do not show every harmless shape ("Wash your hands for
+# 20 seconds." scored 0.6 as a dose with the threshold at 0.49), and the rules already carry the guard's recall.
+PRECISION_FLOOR = 0.9
 TRAIN_TOKENS = 128  # the labelled messages are at most ~110 word pieces; inference reads up to MAX_TOKENS
 
 _TYPOS = {"breathe": "breath", "breathing": "breathin", "chest": "chst", "because": "cuz", "please": "pls",
@@ -133,10 +145,18 @@ def finetune(texts: list[str], labels: list[list[str]], names: tuple[str, ...], 
 
 def choose_thresholds(rows: list[dict], probabilities: list[dict], rules: list[set],
                       task: Task = TASKS["triage"]) -> tuple[dict, dict]:
-    """Per label, the largest threshold (at most MAX_THRESHOLD) at which rules-or-model reach the task's target
-    recall on `rows` (MIN_THRESHOLD when none does), and the recall reached there."""
+    """Per label the model may raise: recall first, the largest threshold (at most MAX_THRESHOLD) at which
+    rules-or-model reach the task's target recall on `rows` (MIN_THRESHOLD when none does); precision first, just
+    above the highest score of a row without the label. Also the recall reached there."""
     thresholds, reached = {}, {}
-    for label in task.labels:
+    for label in task.model_labels:
+        if task.precision_first:
+            others = [probabilities[i][label] for i, row in enumerate(rows) if label not in row["labels"]]
+            thresholds[label] = round(min(PRECISION_CAP, max(PRECISION_FLOOR, max(others, default=0) + 1e-4)), 4)
+            pos = [i for i, row in enumerate(rows) if label in row["labels"]]
+            caught = sum(label in rules[i] or probabilities[i][label] >= thresholds[label] for i in pos)
+            reached[label] = round(caught / len(pos), 4) if pos else None
+            continue
         pos = [i for i, row in enumerate(rows) if label in row["labels"]]
         if not pos:
             thresholds[label], reached[label] = MAX_THRESHOLD, None

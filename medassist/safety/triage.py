@@ -105,7 +105,8 @@ class Triage:
         return out
 
     def flags(self, probabilities: dict[str, float]) -> set[str]:
-        return {label for label, p in probabilities.items() if p >= self.thresholds[label]}
+        """The labels whose probability reaches their threshold (a label without a threshold is never raised)."""
+        return {label for label, t in self.thresholds.items() if probabilities[label] >= t}
 
 
 _loaded: dict[str, Triage] = {}
