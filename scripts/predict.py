@@ -6,7 +6,12 @@
 """
 import sys
 
-from medassist.commands import main
+from medassist import commands
+
+
+def main(argv=None) -> int:
+    return commands.main(["ask", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["ask", *sys.argv[1:]]))
+    sys.exit(main())

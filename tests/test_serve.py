@@ -99,8 +99,9 @@ def test_openai_client_plain_answer_carries_the_disclaimer(client):
         {"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is asthma?"}])
     text = reply.choices[0].message.content
     assert text.endswith(safety.DISCLAIMER)
-    # the tiny model never ends its turn within 8 tokens: max_tokens cut it, and only generated tokens are counted
-    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+    # only generated tokens are counted, and "length" says exactly when max_tokens cut the answer
+    used = reply.usage.completion_tokens
+    assert 0 < used <= 8 and (reply.choices[0].finish_reason == "length") == (used == 8)
     fields = reply.model_extra["medassist"]
     assert fields["disclaimer"] == safety.DISCLAIMER and fields["flags"] == []
     assert text == safety.render(fields)  # the structured fields and the text agree
@@ -108,14 +109,16 @@ def test_openai_client_plain_answer_carries_the_disclaimer(client):
 
 
 def test_streaming_answer_ends_with_disclaimer_and_emergency_line_comes_first(client):
-    texts, chunks = stream_text(client, "How can I sleep better?", stream_options={"include_usage": True})
+    texts, chunks = stream_text(client, "How does the flu spread?", stream_options={"include_usage": True})
     assert "".join(texts).endswith(safety.DISCLAIMER)
     assert chunks[0].model_extra["medassist"]["disclaimer"] == safety.DISCLAIMER
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1 and final[0].model_extra["medassist"]["disclaimer"] == safety.DISCLAIMER
-    # the server's --max-new-tokens 16 cut the answer; the disclaimer and safety lines are not generated tokens
-    assert final[0].choices[0].finish_reason == "length"
-    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+    # "length" exactly when the server's --max-new-tokens 16 cut the answer; the disclaimer and safety lines are not
+    # generated tokens (the tiny random model may or may not end its turn first)
+    used = chunks[-1].usage.completion_tokens
+    assert 0 < used <= 16 and not chunks[-1].choices
+    assert (final[0].choices[0].finish_reason == "length") == (used == 16)
 
     texts, chunks = stream_text(client, EMERGENCY, stream_options={"include_usage": True})
     assert [t for t in texts if t][0] == safety.EMERGENCY_LINE  # before any generated text
