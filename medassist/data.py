@@ -16,14 +16,13 @@ from torch.utils.data import DistributedSampler
 
 from medassist import UserError
 from medassist.checks import cross_file_warnings
-from medassist.records import read_questions  # noqa: F401 (re-exported: the predict loader uses it)
+from medassist.records import MAX_ERRORS, listed, read_questions  # noqa: F401 (dataprep takes them from here)
 from medassist.prompts import END_OF_TURN, encode_prompt, encode_text, prompt_tail_length
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
 FIELDS = {"instruction": True, "input": False, "output": True}  # field -> required
-MAX_ERRORS = 20  # bad lines listed in one message
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -35,12 +34,6 @@ def read_records(path: str | Path) -> list[dict]:
     if errors:
         raise UserError(errors[0] if len(errors) == 1 else f"{len(errors)} bad line(s) in {path}:\n" + listed(errors))
     return [record for _, record in numbered]
-
-
-def listed(errors: list[str]) -> str:
-    """The first MAX_ERRORS problems, one per line, and how many more there are."""
-    more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-    return "\n".join(errors[:MAX_ERRORS]) + more
 
 
 def collect_records(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:

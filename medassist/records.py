@@ -6,6 +6,14 @@ from typing import TypedDict
 
 from medassist import UserError
 
+MAX_ERRORS = 20  # bad lines listed in one message
+
+
+def listed(errors: list[str]) -> str:
+    """The first MAX_ERRORS problems, one per line, and how many more there are."""
+    more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+    return "\n".join(errors[:MAX_ERRORS]) + more
+
 
 class AnswerRecord(TypedDict, total=False):
     """One answer, as predict, the server, `python -m medassist predict` and the evaluator write it, keys in this

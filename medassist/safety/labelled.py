@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from medassist import UserError
+from medassist.records import listed
 from medassist.safety.lines import GUARD_FLAGS, SCREEN_FLAGS
 
 
@@ -52,9 +53,7 @@ def read_labelled(path: str | Path, kind: str = "questions") -> list[dict]:
         except UserError as e:
             problems.append(str(e))
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise UserError(f"{len(problems)} bad line(s) in {path}:\n  {shown}{more}")
+        raise UserError(f"{len(problems)} bad line(s) in {path}:\n" + listed(problems))
     return rows
 
 
