@@ -78,9 +78,9 @@ def rule_flags(question: str) -> set[str]:
 
 
 def _screening(text: str, by_rules: set[str], probabilities: dict, by_model: set[str]) -> Screening:
-    if "crisis" in by_rules | by_model:  # a crisis is escalated like an emergency: both lines, crisis line second
-        by_rules = by_rules | ({"emergency"} if "crisis" in by_rules else set())
-        by_model = by_model | ({"emergency"} if "crisis" in by_model else set())
+    # A crisis is escalated like an emergency (both lines, crisis line second), by whichever layer found it.
+    by_rules = by_rules | ({"emergency"} if "crisis" in by_rules else set())
+    by_model = by_model | ({"emergency"} if "crisis" in by_model else set())
     flags = tuple(f for f in SCREEN_FLAGS if f in by_rules | by_model)
     sources = {f: [name for name, got in (("rules", by_rules), ("model", by_model)) if f in got] for f in flags}
     emergency, crisis = "emergency" in flags, "crisis" in flags
