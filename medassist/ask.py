@@ -2,7 +2,7 @@
 
     python -m medassist ask --adapter checkpoints/lora/version_0/lora_adapter "What are the symptoms of diabetes?"
     python -m medassist ask --adapter ... --input questions.jsonl --output answers.jsonl
-    python -m medassist ask --adapter ...                      # interactive chat, streaming
+    python -m medassist ask --adapter ...                      # interactive chat, streaming; /reset forgets it
 Exit status 2 on bad input (the other lines of a file are still answered). `scripts/predict.py` is this command.
 """
 
@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a lora_adapter/ directory written by fit; omit to answer with the base model")
     p.add_argument("--base-model", help="base model source (default: the one the adapter was trained on, "
                                         "else 'embedded')")
-    p.add_argument("--input", help="JSONL file of {\"question\": ...} (\"instruction\" accepted)")
+    p.add_argument("--input", help="JSONL file of {\"question\": ...} (\"instruction\" accepted) or of conversations "
+                                   "{\"messages\": [...]} that end with the user's question; optional \"id\"")
     p.add_argument("--output", help="where --input's answers go (JSONL, one record per line, input order)")
     p.add_argument("--json", action="store_true", help="print the structured record for one question")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --input")
@@ -37,9 +38,10 @@ def parse_args(argv=None):
 
 def answer_file(assistant, args) -> int:
     items = read_questions(args.input)
-    questions = [item["question"] for item in items if "error" not in item]
-    answered = iter([record for i in range(0, len(questions), args.batch_size)
-                     for record in assistant.answer_batch(questions[i : i + args.batch_size])])
+    good = [item for item in items if "error" not in item]
+    answered = iter([record for i in range(0, len(good), args.batch_size)
+                     for record in assistant.answer_batch([item["question"] for item in good[i : i + args.batch_size]],
+                                                          [item.get("id") for item in good[i : i + args.batch_size]])])
     records = []
     for item in items:
         record = error_record(None, item["error"]) if "error" in item else next(answered)
@@ -55,7 +57,11 @@ def answer_file(assistant, args) -> int:
 
 
 def chat(assistant) -> int:
-    print("medassist — educational answers, not medical advice. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    """Questions from the terminal; the conversation is kept (the model sees it, the screen reads its latest turns)
+    until /reset."""
+    print("medassist — educational answers, not medical advice. /reset starts a new conversation; an empty line or "
+          "Ctrl-D quits.", file=sys.stderr)
+    history: list[dict] = []
     while True:
         try:
             question = input("\nyou> ")
@@ -63,10 +69,17 @@ def chat(assistant) -> int:
             return 0
         if not question.strip():
             return 0
+        if question.strip() == "/reset":
+            history = []
+            print("(new conversation)", file=sys.stderr)
+            continue
         try:
-            for piece in assistant.stream(question):
+            for piece in assistant.stream(history + [{"role": "user", "content": question}]):
                 if isinstance(piece, str):
                     print(piece, end="", flush=True)
+                else:  # the record: the answer as the model's turn, without the disclaimer the code adds
+                    history += [{"role": "user", "content": piece["question"]},
+                                {"role": "assistant", "content": piece["answer"]}]
             print()
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

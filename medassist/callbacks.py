@@ -16,6 +16,19 @@ from medassist.generate import answer_batch
 from medassist.sampling import Sampling
 
 
+TURNS = {"val/ppl_single": "first answers", "val/ppl_followup": "follow-ups"}
+
+
+def describe(turns: dict, after: dict | None = None) -> str:
+    """" (first answers 12.300, follow-ups 9.100)", or with `after` " (first answers 12.300 -> 8.000, ...)": the
+    validation perplexity split by turn, where the set has both kinds."""
+    if not (set(turns) | set(after or {})) - {"val/ppl_single"}:
+        return ""  # no follow-ups: the split says nothing the total does not
+    parts = [f"{label} {turns.get(key, math.nan):.3f}" + (f" -> {float(after.get(key, math.nan)):.3f}" if after else "")
+             for key, label in TURNS.items()]
+    return f" ({', '.join(parts)})"
+
+
 class AdapterCheckpoint(L.Callback):
     """Saves the adapter to <run>/lora_adapter at the end of fit and to <run>/lora_adapter_best when val/ppl improves.
 
@@ -42,7 +55,9 @@ class AdapterCheckpoint(L.Callback):
         final = "n/a" if ppl is None else f"{float(ppl):.3f}"
         if ppl is not None and self.validated_at not in (None, trainer.global_step):  # e.g. stopped by max_time
             final += f" (measured at step {self.validated_at}; the adapter is from step {trainer.global_step})"
-        rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}; adapter saved to {path}")
+        turns = describe(pl_module.base_turns, {k: trainer.callback_metrics[k] for k in TURNS
+                                                if k in trainer.callback_metrics})
+        rank_zero_info(f"validation perplexity: base {base} -> fine-tuned {final}{turns}; adapter saved to {path}")
 
     @staticmethod
     def _save(trainer, pl_module, name: str, **extra) -> Path | None:

@@ -1,9 +1,11 @@
-"""Duplicates and overlap of instruction records: what the checker lists (`python -m medassist.data check`) and
+"""Duplicates and overlap of instruction records (pairs and conversations): what the checker lists (`python -m medassist.data check`) and
 what `fit` warns about before training. Plain functions on records; no tokenizer, no Lightning."""
 
 import re
 import unicodedata
 from itertools import combinations
+
+from medassist.records import messages_of
 
 NEAR = "equal after Unicode NFKC, lower-casing, and dropping punctuation and extra whitespace"
 
@@ -14,11 +16,12 @@ def normalise(text: str) -> str:
 
 
 def question_key(record: dict) -> str:
-    return normalise(f"{record['instruction']} {record.get('input') or ''}")
+    """Everything said before the last answer (a pair's question, a conversation's turns up to its last)."""
+    return normalise(" ".join(m["content"] for m in messages_of(record)[:-1]))
 
 
 def pair_key(record: dict) -> tuple[str, str]:
-    return question_key(record), normalise(record["output"])
+    return question_key(record), normalise(messages_of(record)[-1]["content"])
 
 
 def duplicates(records: list[dict]) -> list[tuple[int, int]]:

@@ -16,17 +16,19 @@ from torch.utils.data import DistributedSampler
 
 from medassist import UserError
 from medassist.checks import cross_file_warnings
-from medassist.records import MAX_ERRORS, listed, read_questions  # noqa: F401 (dataprep takes them from here)
-from medassist.prompts import END_OF_TURN, encode_prompt, encode_text, prompt_tail_length
+from medassist.records import MAX_ERRORS, check_messages, listed, messages_of, read_questions  # noqa: F401
+from medassist.prompts import encode_turns, prompt_tail_length
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
 FIELDS = {"instruction": True, "input": False, "output": True}  # field -> required
+TRAIN_ON = ("all_assistant", "last_assistant")  # which assistant turns of a conversation carry the loss
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Read and validate a JSONL file of {"instruction", "input"?, "output"} records (other keys are kept).
+    """Read and validate a JSONL file of {"instruction", "input"?, "output"} pairs and {"messages": [...]}
+    conversations (OpenAI's shape, ending with an assistant turn); other keys are kept.
 
     Raises UserError naming file:line for every bad line (up to MAX_ERRORS at once), before anything loads.
     """
@@ -73,6 +75,11 @@ def _check_line(line: str) -> tuple[str | None, dict | None]:
                '{"instruction": "...", "input": "", "output": "..."}', None
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}", None
+    if "messages" in record:
+        return check_messages(record["messages"], last="assistant"), record
+    if "conversations" in record:
+        return ("a ShareGPT conversation ('conversations' with 'from'/'value'); convert the file first: "
+                "python -m medassist import sharegpt FILE --out DIR"), None
     for field, required in FIELDS.items():
         value = record.get(field)
         if value is None and not required:
@@ -86,33 +93,53 @@ def _check_line(line: str) -> tuple[str | None, dict | None]:
     return None, record
 
 
-def tokenize_example(tokenizer, record: dict, max_seq_length: int) -> dict:
-    """Prompt and answer tokenized separately; labels are IGNORE_INDEX on the prompt (unshifted: the model shifts).
+def tokenize_example(tokenizer, record: dict, max_seq_length: int, train_on: str = "all_assistant") -> dict:
+    """A pair or a conversation as ids and labels (unshifted: the model shifts): IGNORE_INDEX on user and system
+    turns, the ids of the supervised assistant turns (each with its <end_of_turn>) elsewhere. `train_on`:
+    "all_assistant" supervises every assistant turn, "last_assistant" only the last. `followup` marks the labels of
+    assistant turns after the first, so validation reports them apart.
 
-    Too long: the question is shortened first (its turn markers kept), never below half the budget; only then is
-    the answer's tail cut (and its end-of-turn dropped, so the model never learns to stop mid-sentence).
+    Too long: the oldest whole exchanges are dropped first (the system message and the last exchange kept); then, as
+    for a single pair, the question is shortened (its turn markers kept), never below half the budget, and only
+    then the answer's tail cut (and its end-of-turn dropped, so the model never learns to stop mid-sentence).
     """
-    prompt = encode_prompt(tokenizer, record["instruction"], record.get("input") or "")
-    answer = encode_text(tokenizer, record["output"].strip()) + [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
-    truncated = len(prompt) + len(answer) > max_seq_length
+    messages = messages_of(record)
+    system = [m for m in messages if m["role"] == "system"]
+    exchanges = [m for m in messages if m["role"] != "system"]
+    turns, dropped = encode_turns(tokenizer, messages), 0
+    while sum(len(ids) for _, ids in turns) > max_seq_length and len(exchanges) - 2 * dropped > 2:
+        dropped += 1  # one more user + assistant pair off the front
+        turns = encode_turns(tokenizer, system + exchanges[2 * dropped:])
+    truncated = sum(len(ids) for _, ids in turns) > max_seq_length
     if truncated:
+        (_, prompt), (_, answer) = turns
         keep_prompt = max(max_seq_length - len(answer), min(len(prompt), max_seq_length // 2))
         if keep_prompt < len(prompt):
             tail = prompt_tail_length(tokenizer)  # "<end_of_turn>\n<start_of_turn>model\n" stays intact
             prompt = prompt[: keep_prompt - tail] + prompt[-tail:]
-        answer = answer[: max_seq_length - len(prompt)]
-    return {
-        "input_ids": prompt + answer,
-        "labels": [IGNORE_INDEX] * len(prompt) + answer,
-        "truncated": truncated,
-    }
+        turns = [("user", prompt), ("assistant", answer[: max_seq_length - len(prompt)])]
+    ids, labels, followup = [], [], []
+    answers = [n for n, (role, _) in enumerate(turns) if role == "assistant"]
+    for n, (role, part) in enumerate(turns):
+        supervised = role == "assistant" and (train_on == "all_assistant" or n == answers[-1])
+        ids += part
+        labels += part if supervised else [IGNORE_INDEX] * len(part)
+        followup += [int(supervised and (dropped > 0 or n != answers[0]))] * len(part)
+    return {"input_ids": ids, "labels": labels, "followup": followup, "truncated": truncated, "dropped": dropped}
 
 
-def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: str = "data"):
-    """A `datasets.Dataset` of tokenized examples; logs how many were truncated."""
+def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: str = "data",
+                     train_on: str = "all_assistant"):
+    """A `datasets.Dataset` of tokenized examples; logs how many were shortened and how."""
     from datasets import Dataset
 
-    rows = [tokenize_example(tokenizer, r, max_seq_length) for r in records]
+    if train_on not in TRAIN_ON:
+        raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    rows = [tokenize_example(tokenizer, r, max_seq_length, train_on) for r in records]
+    dropped = [r["dropped"] for r in rows if r["dropped"]]
+    if dropped:
+        log.warning("%s: %d of %d conversations longer than max_seq_length=%d lost their %d oldest exchange(s)",
+                    name, len(dropped), len(rows), max_seq_length, sum(dropped))
     truncated = sum(r["truncated"] for r in rows)
     if truncated:
         log.warning("%s: %d of %d examples longer than max_seq_length=%d were truncated (prompt first)",
@@ -123,18 +150,21 @@ def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: 
 
 
 def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
-    """Right-pad ids with pad_id, attention_mask with 0, labels with IGNORE_INDEX (padding masked by position)."""
+    """Right-pad ids with pad_id, attention_mask with 0, labels with IGNORE_INDEX (padding masked by position), and
+    the follow-up marks (where the rows have them) with 0."""
     longest = max(len(b["input_ids"]) for b in batch)
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    follow = torch.zeros((len(batch), width), dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
         ids[i, :n] = torch.tensor(b["input_ids"])
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        follow[i, :n] = torch.tensor(b.get("followup") or [0] * n)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "followup": follow}
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -175,9 +205,12 @@ class InstructionDataModule(L.LightningDataModule):
 
     Args:
         base_model: model source whose tokenizer is used (linked from the model's `base_model` by the CLI).
-        train_file / val_file: JSONL files of {"instruction", "input"?, "output"}; validated when the module is built.
+        train_file / val_file: JSONL files of {"instruction", "input"?, "output"} pairs and {"messages": [...]}
+            conversations; validated when the module is built.
         test_file: the same, for `test` (perplexity of its answers); None: `test` asks for it.
-        max_seq_length: tokens per example after truncation (prompt shortened first).
+        max_seq_length: tokens per example after truncation (oldest exchanges dropped first, then the prompt shortened).
+        train_on: which assistant turns of a conversation carry the loss: "all_assistant" or "last_assistant"
+            (validation perplexity is over the same turns).
         batch_size: examples per micro-batch (per device).
         group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
         num_workers: DataLoader worker processes.
@@ -192,6 +225,7 @@ class InstructionDataModule(L.LightningDataModule):
         val_file: str = "data/validation.jsonl",
         test_file: str | None = None,
         max_seq_length: int = 512,
+        train_on: str = "all_assistant",
         batch_size: int = 4,
         group_by_length: bool = True,
         num_workers: int = 0,
@@ -204,7 +238,10 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"max_seq_length must be at least 16, got {max_seq_length}")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if train_on not in TRAIN_ON:
+            raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
+        self.train_on = train_on
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file, self.predict_output = predict_file, predict_output
@@ -222,17 +259,18 @@ class InstructionDataModule(L.LightningDataModule):
         from medassist.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.base_model)
-        self.train_set = tokenize_records(self.tokenizer, self.train_records, self.max_seq_length, self.train_file)
-        self.val_set = tokenize_records(self.tokenizer, self.val_records, self.max_seq_length, self.val_file)
-        if self.test_records is not None:
-            self.test_set = tokenize_records(self.tokenizer, self.test_records, self.max_seq_length, self.test_file)
+        for name in ("train", "val", "test"):
+            records, file = getattr(self, f"{name}_records"), getattr(self, f"{name}_file")
+            if records is not None:
+                setattr(self, f"{name}_set", tokenize_records(self.tokenizer, records, self.max_seq_length, file,
+                                                              self.train_on))
         # Supervised tokens of a mean micro-batch: the constant scale of the training loss (MedAssistLM._loss_scale).
         self.tokens_per_batch = self.batch_size * sum(self.train_set["supervised"]) / len(self.train_set)
 
     def _loader(self, dataset, train: bool):
         from torchdata.stateful_dataloader import StatefulDataLoader  # saves its position: mid-epoch resume
 
-        columns = dataset.select_columns(["input_ids", "labels"])
+        columns = dataset.select_columns(["input_ids", "labels"] + ([] if train else ["followup"]))
         # Samplers seeded by (seed, epoch) that shard themselves: resume replays the same order in any epoch, and
         # Lightning leaves DistributedSamplers alone (it would wrap or replace anything else under DDP).
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)

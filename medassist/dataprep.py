@@ -1,8 +1,10 @@
-"""Data preparation: importers (MedQuAD XML, Alpaca-style JSON/JSONL, PubMedQA) and the checker.
+"""Data preparation: importers (MedQuAD XML, Alpaca-style JSON/JSONL, PubMedQA, ShareGPT conversations) and the
+checker.
 
     python -m medassist.data import medquad path/to/MedQuAD --out data/medquad/
     python -m medassist.data import alpaca HealthCareMagic-100k.json --out data/chatdoctor/ [--input-field input]
     python -m medassist.data import pubmedqa ori_pqal.json --out data/pubmedqa/ [--no-context]
+    python -m medassist.data import sharegpt chats.json --out data/chats/    # -> {"messages": [...]} lines
     python -m medassist.data check data/medquad/*.jsonl [--base-model embedded] [--max-seq-length 384]
 
 Importers write train/validation/test.jsonl split by topic, seeded, without duplicates; nothing is written unless
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from medassist import UserError
 from medassist.checks import NEAR, duplicates, normalise, overlap, pair_key, question_key
-from medassist.data import MAX_ERRORS, collect_records, listed, tokenize_example
+from medassist.data import MAX_ERRORS, check_messages, collect_records, listed, messages_of, tokenize_example
 from medassist.files import atomic_dir
 
 SPLITS = ("train", "validation", "test")
@@ -124,7 +126,40 @@ def import_pubmedqa(source: Path, context=True, **_) -> tuple[list, Counter]:
     return pairs, Counter()
 
 
-IMPORTERS = {"medquad": import_medquad, "alpaca": import_alpaca, "pubmedqa": import_pubmedqa}
+# ShareGPT's speaker names (FastChat, Axolotl and LLaMA-Factory read the same) -> OpenAI roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+def import_sharegpt(source: Path, **_) -> tuple[list, Counter]:
+    """ShareGPT JSON (a list) or JSONL of {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]} ->
+    {"messages": [...]} records; a last human turn nobody answered is dropped (counted). Topic = the first turn."""
+    pairs, skipped, errors = [], Counter(), []
+    for n, (where, item) in enumerate(_json_items(source), start=1):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            errors.append(f"{where}: expected an object with 'conversations': a list of {{'from', 'value'}} turns")
+            continue
+        unknown = sorted({str(t.get("from")) for t in turns} - set(SHAREGPT_ROLES))
+        if unknown:
+            errors.append(f"{where}: unknown speaker(s) {', '.join(unknown)} in 'from'; expected one of "
+                          f"{', '.join(SHAREGPT_ROLES)}")
+            continue
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+        if len(messages) > 1 and messages[-1]["role"] == "user":
+            messages.pop()
+            skipped["last human turn without an answer (dropped)"] += 1
+        if problem := check_messages(messages, last="assistant"):
+            errors.append(f"{where}: {problem}")
+            continue
+        r = {"messages": messages, "source": source.stem, "id": item.get("id", f"{source.stem}-{n}")}
+        pairs.append((normalise(next(m["content"] for m in messages if m["role"] == "user")), r))
+    _raise_all(errors, source)
+    return pairs, skipped
+
+
+IMPORTERS = {"medquad": import_medquad, "alpaca": import_alpaca, "pubmedqa": import_pubmedqa,
+             "sharegpt": import_sharegpt}
 
 
 def _read_text(path: Path) -> str:
@@ -169,7 +204,7 @@ def deduplicate(pairs: list) -> tuple[list, int, int]:
     """(pairs without repeats, exact copies dropped, near copies dropped); the first copy is kept."""
     seen, exact, kept, n_exact, n_near = set(), set(), [], 0, 0
     for topic, r in pairs:
-        raw = (r["instruction"], r["input"], r["output"])
+        raw = json.dumps(messages_of(r))
         if raw in exact:
             n_exact += 1
         elif pair_key(r) in seen:
@@ -225,7 +260,7 @@ def run_import(args) -> None:
                                             input_field=args.input_field, output_field=args.output_field,
                                             context=not args.no_context)
     if not pairs:
-        raise UserError(f"{source}: no question-answer pairs with an answer; nothing was written")
+        raise UserError(f"{source}: no question-answer pairs or conversations with an answer; nothing was written")
     kept, n_exact, n_near = deduplicate(pairs)
     splits = split_by_topic(kept, args.val_fraction, args.test_fraction, args.seed)
     topic_of = {id(r): topic for topic, r in kept}
@@ -289,7 +324,7 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="convert a data set to train/validation/test.jsonl, split by topic")
     imp.add_argument("format", choices=sorted(IMPORTERS))
-    imp.add_argument("source", help="medquad: the repository or a subset folder; alpaca: .json/.jsonl; "
+    imp.add_argument("source", help="medquad: the repository or a subset folder; alpaca, sharegpt: .json/.jsonl; "
                                     "pubmedqa: ori_pqal.json")
     imp.add_argument("--out", required=True, help="output directory (replaced only with --overwrite)")
     imp.add_argument("--overwrite", action="store_true")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run configs saved before it moved)
-from medassist.data import collate, read_records, tokenize_records
+from medassist.data import collate, messages_of, read_records, tokenize_records
 from medassist.generate import answer_batch, load_for_generation, read_adapter_meta
 from medassist.sampling import Sampling
 
@@ -50,16 +50,24 @@ def load_lm(base_model: str, adapter: str | None, quantization: str, precision: 
 
 @torch.no_grad()
 def perplexity(lm, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, name: str = "data") -> dict:
-    """exp(sum of response-token NLLs / number of response tokens), batched exactly as the validation loader."""
-    dataset = tokenize_records(tokenizer, records, max_seq_length, name).select_columns(["input_ids", "labels"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+    """exp(sum of response-token NLLs / number of response tokens), batched exactly as the validation loader; for a
+    file with conversations also apart for first answers and follow-ups (as val/ppl_single, val/ppl_followup)."""
+    dataset = tokenize_records(tokenizer, records, max_seq_length, name)
+    loader = torch.utils.data.DataLoader(dataset.select_columns(["input_ids", "labels", "followup"]),
+                                         batch_size=batch_size,
                                          collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
     device = next(lm.model.parameters()).device
-    total, tokens = 0.0, 0
+    sums = {"single": [0.0, 0], "followup": [0.0, 0]}
     for batch in loader:
-        nll, n = lm.response_nll({k: v.to(device) for k, v in batch.items()})
-        total, tokens = total + float(nll), tokens + int(n)
-    return {"perplexity": math.exp(total / tokens), "response_nll": total / tokens, "response_tokens": tokens}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        follow = batch["followup"].bool()
+        for part, (nll, n) in zip(sums.values(), lm.response_nlls(batch, [~follow, follow])):
+            part[0], part[1] = part[0] + float(nll), part[1] + int(n)
+    total, tokens = (sum(v[i] for v in sums.values()) for i in (0, 1))
+    out = {"perplexity": math.exp(total / tokens), "response_nll": total / tokens, "response_tokens": tokens}
+    if sums["followup"][1]:
+        out.update({f"perplexity_{k}": math.exp(nll / n) for k, (nll, n) in sums.items() if n})
+    return out
 
 
 def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling, batch_size: int,
@@ -73,13 +81,15 @@ def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling
         print(f"  {model_name}{' + adapter' if adapter else ''}: {start}/{len(records)} answered "
               f"({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)  # minutes per batch on a CPU
         chunk = records[start : start + batch_size]
-        questions = [f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"] for r in chunk]
-        for ref, out in zip(chunk, answer_batch(model, tokenizer, questions, sampling, model_name, adapter)):
-            entry = {"id": ref.get("id"), "question": out["question"], "reference": ref["output"]}
+        turns = [messages_of(r) for r in chunk]  # a pair: its question; a conversation: up to its last answer
+        outs = answer_batch(model, tokenizer, [t[:-1] for t in turns], sampling, model_name, adapter)
+        for r, ref, out in zip(chunk, turns, outs):
+            entry = {"id": r.get("id"), **({"conversation": out["conversation"]} if "conversation" in out else {}),
+                     "question": out["question"], "reference": ref[-1]["content"]}
             if "error" in out:
                 answers.append({**entry, "error": out["error"]})
                 continue
-            score = rouge(out["answer"], ref["output"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
+            score = rouge(out["answer"], ref[-1]["content"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
             flags.update(out["flags"])
             answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4)})
     scored = sum("error" not in a for a in answers)

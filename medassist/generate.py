@@ -1,8 +1,11 @@
-"""Answers: question -> safety screen -> training prompt -> model.generate -> output guard -> record.
+"""Answers: question (or conversation) -> safety screen -> training prompt -> model.generate -> output guard -> record.
 
 One path for every caller (scripts/predict.py, `python -m medassist predict`, the server, the evaluator):
 `answer_batch` / `stream_answer` take any causal LM + tokenizer; `Assistant` loads a base (+ adapter) for them.
-Every record is a records.AnswerRecord: {"question", "answer", "disclaimer", "flags", "model", "adapter"}.
+A question is a text or a conversation ({"role", "content"} turns) that ends with the user's question; the model
+sees the whole conversation, oldest exchanges left out first when it does not fit.
+Every record is a records.AnswerRecord: {"id"?, "conversation"?, "question", "answer", "disclaimer", "flags",
+"model", "adapter"}.
 No Lightning and no training module: the server imports this.
 """
 
@@ -18,8 +21,8 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
-from medassist.prompts import check_template, encode_prompt, stop_ids
-from medassist.records import AnswerRecord, answer_record, error_record
+from medassist.prompts import check_template, encode_conversation, stop_ids
+from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
 
 log = logging.getLogger(__name__)
@@ -69,14 +72,35 @@ def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     return kwargs
 
 
-def prompt_ids(tokenizer, question: str, context_length: int, max_new_tokens: int) -> list[int]:
-    """The training prompt for `question`; a clear error when it cannot fit the model's context."""
-    ids = encode_prompt(tokenizer, question)
+def prompt_ids(tokenizer, question: str | list[dict], context_length: int, max_new_tokens: int) -> list[int]:
+    """The training prompt for `question` (a text, or a conversation that ends with the user's question).
+
+    Too long for the model's context with max_new_tokens: the oldest exchanges are left out first (a system message
+    and the last question always stay); a clear error when the last question alone cannot fit."""
+    messages = as_messages(question)
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
     room = context_length - max_new_tokens
-    if len(ids) > room:
-        raise UserError(f"question is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
-                        f"of {context_length} tokens leaves room for {room}. Shorten the question")
-    return ids
+    for start in range(0, len(turns), 2):  # user, assistant, ..., user: whole exchanges off the front
+        ids = encode_conversation(tokenizer, system + turns[start:])
+        if len(ids) <= room:
+            return ids
+    raise UserError(f"question is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
+                    f"of {context_length} tokens leaves room for {room}. Shorten the question")
+
+
+def validated(question: str | list[dict]) -> list[dict]:
+    """The conversation of `question` with its last turn checked by safety.validate_question (ValueError if bad)."""
+    messages = as_messages(question)
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a conversation to answer must end with the user's question")
+    return messages[:-1] + [{"role": "user", "content": safety.validate_question(messages[-1]["content"])}]
+
+
+def last_question(question: str | list[dict]) -> str | None:
+    """The text a record names as its question: the question, or a conversation's last user turn."""
+    messages = as_messages(question)
+    return messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
 
 
 def context_length(model) -> int:
@@ -84,7 +108,7 @@ def context_length(model) -> int:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, questions: list[str], sampling: Sampling) -> list[str]:
+def generate_texts(model, tokenizer, questions: list[str | list[dict]], sampling: Sampling) -> list[str]:
     """Raw generated answers for already validated questions, batched.
 
     Left padding: a decoder continues from each row's last position, so every row's prompt must end there; with
@@ -102,37 +126,44 @@ def generate_texts(model, tokenizer, questions: list[str], sampling: Sampling) -
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
-def answer_batch(model, tokenizer, questions: list[str], sampling: Sampling | None = None,
-                 model_name: str = "", adapter: str | None = None) -> list[dict]:
-    """Records for `questions`, in order. A bad question gets a record with an "error" and no answer; the others
-    are still answered."""
+def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: Sampling | None = None,
+                 model_name: str = "", adapter: str | None = None, ids: list | None = None) -> list[dict]:
+    """Records for `questions` (texts or conversations), in order, each with its `ids` entry as "id" where given.
+    A bad question gets a record with an "error" and no answer; the others are still answered."""
     sampling = sampling or Sampling()
     records: list[AnswerRecord | None] = []
-    todo = []  # (index in records, validated text)
-    for question in questions:
+    todo = []  # (index in records, validated conversation, record context)
+    for n, question in enumerate(questions):
+        context = context_of(question, ids[n] if ids else None)
         try:
-            text = safety.validate_question(question)
-            prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
-            todo.append((len(records), text))
+            messages = validated(question)
+            prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)
+            todo.append((len(records), messages, context))
             records.append(None)
         except ValueError as e:
-            records.append(error_record(question, str(e), model=model_name, adapter=adapter))
-    screenings = safety.screen_texts([text for _, text in todo])  # one batched pass of the triage model
-    for (i, _), screening in zip(todo, screenings):
+            records.append(error_record(last_question(question), str(e), model=model_name, adapter=adapter, **context))
+    screenings = safety.screen_conversations([m for _, m, _ in todo])  # one batched pass of the triage model
+    rest = []
+    for (i, messages, context), screening in zip(todo, screenings):
         if screening.urgent:  # escalation + vetted guidance only: nothing generated may follow it
-            records[i] = answer_record(questions[i], safety.compose(screening, ""), model_name, adapter)
-    rest = [(i, text, s) for (i, text), s in zip(todo, screenings) if not s.urgent]
+            records[i] = answer_record(last_question(questions[i]), safety.compose(screening, ""), model_name,
+                                       adapter, context)
+        else:
+            rest.append((i, messages, context, screening))
     if rest:
-        generated = generate_texts(model, tokenizer, [text for _, text, _ in rest], sampling)
-        for (i, _, screening), raw in zip(rest, generated):
-            records[i] = answer_record(questions[i], safety.compose(screening, raw), model_name, adapter)
+        generated = generate_texts(model, tokenizer, [messages for _, messages, _, _ in rest], sampling)
+        for (i, _, context, screening), raw in zip(rest, generated):
+            records[i] = answer_record(last_question(questions[i]), safety.compose(screening, raw), model_name,
+                                       adapter, context)
     return records
 
 
-def fixed_answer(screening, question: str, model_name: str = "", adapter: str | None = None) -> Iterator[str | dict]:
+def fixed_answer(screening, question: str | list[dict], model_name: str = "", adapter: str | None = None,
+                 id=None) -> Iterator[str | dict]:
     """The stream of an emergency or crisis answer: escalation, vetted guidance, closing lines, disclaimer, record.
     No model runs, so it is shown at once, even when the server is busy generating for others."""
-    record = answer_record(question, safety.compose(screening, ""), model_name, adapter)
+    record = answer_record(last_question(question), safety.compose(screening, ""), model_name, adapter,
+                           context_of(question, id))
     paragraphs = record["answer"].split("\n\n")
     yield paragraphs[0]  # the escalation alone first: the web page shows it as its banner
     for paragraph in paragraphs[1:] + [record["disclaimer"]]:
@@ -181,7 +212,7 @@ class _Generation:
         return Outcome(len(self.new_ids), "length" if cut else "stop")
 
 
-def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = None,
+def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampling | None = None,
                   model_name: str = "", adapter: str | None = None,
                   stop: threading.Event | None = None, screening=None, stop_strings=(),
                   outcome: Outcome | None = None) -> Iterator[str | AnswerRecord]:
@@ -194,9 +225,9 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     `stop_strings` end the generated text (not shown); `outcome`, if given, is filled in before the record comes.
     """
     sampling, outcome = sampling or Sampling(), outcome if outcome is not None else Outcome()
-    text = safety.validate_question(question)
-    ids = prompt_ids(tokenizer, text, context_length(model), sampling.max_new_tokens)
-    screening = screening or safety.screen_question(text)
+    messages = validated(question)
+    ids = prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)
+    screening = screening or safety.screen_conversation(messages)
     if screening.urgent:
         yield from fixed_answer(screening, question, model_name, adapter)
         return
@@ -226,7 +257,8 @@ def stream_answer(model, tokenizer, question: str, sampling: Sampling | None = N
     for line in safety.closing_lines(screening):
         yield ("\n\n" if said else "") + line
         said = True
-    record = answer_record(question, safety.compose(screening, "".join(generated).strip()), model_name, adapter)
+    record = answer_record(last_question(question), safety.compose(screening, "".join(generated).strip()), model_name,
+                           adapter, context_of(question))
     yield "\n\n" + record["disclaimer"]
     yield record
 
@@ -275,7 +307,8 @@ def load_for_generation(adapter: str | None = None, base_model: str | None = Non
 
 
 class Assistant:
-    """A loaded model ready to answer: `answer(q)`, `answer_batch(qs)`, `stream(q)`."""
+    """A loaded model ready to answer: `answer(q)`, `answer_batch(qs)`, `stream(q)`; q a question or a
+    conversation that ends with one."""
 
     def __init__(self, adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
                  sampling: Sampling | None = None, allow_template_mismatch: bool = False):
@@ -284,16 +317,16 @@ class Assistant:
         self.model, self.tokenizer, self.model_name = load_for_generation(
             adapter, base_model, precision, allow_template_mismatch)
 
-    def answer_batch(self, questions: list[str]) -> list[dict]:
-        return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter)
+    def answer_batch(self, questions: list[str | list[dict]], ids: list | None = None) -> list[dict]:
+        return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter, ids)
 
-    def answer(self, question: str) -> dict:
+    def answer(self, question: str | list[dict]) -> dict:
         record = self.answer_batch([question])[0]
         if "error" in record:
             raise UserError(record["error"])
         return record
 
-    def stream(self, question: str) -> Iterator[str | dict]:
+    def stream(self, question: str | list[dict]) -> Iterator[str | dict]:
         return stream_answer(self.model, self.tokenizer, question, self.sampling, self.model_name, self.adapter)
 
     def settings(self) -> dict:

@@ -18,7 +18,7 @@ import torch
 from medassist import UserError, __version__
 from medassist.files import replace_dir
 from medassist.generate import read_adapter_meta
-from medassist.prompts import STOP_TOKENS, TEMPLATE_NAME, check_template, format_prompt, stop_ids
+from medassist.prompts import STOP_TOKENS, TEMPLATE_NAME, check_template, format_conversation, format_prompt, stop_ids
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -104,6 +104,9 @@ def model_card(base: str, adapter: Path, dtype: str, meta: dict) -> str:
     lora = json.loads((adapter / "adapter_config.json").read_text())
     prompt = format_prompt("{question}").replace("\n", "\\n")
     example = format_prompt("What is asthma?").replace("\n", "\\n")  # as a Python string literal in the card
+    follow_up = format_conversation([{"role": "user", "content": "{question}"},
+                                     {"role": "assistant", "content": "{answer}"},
+                                     {"role": "user", "content": "{follow-up}"}]).replace("\n", "\\n")
     stops = " or ".join(f"`{t}`" for t in (*STOP_TOKENS, "<eos>"))
     trained_on = {"int8": "an 8-bit", "nf4": "a 4-bit NF4"}.get(meta.get("quantization"), "an unquantized")
     return f"""---
@@ -120,8 +123,9 @@ adapter folded into the weights by `python -m medassist merge` (medassist {__ver
 - **Adapter:** `{adapter}` (step {meta.get("step", "?")}, r={lora.get("r")}, alpha={lora.get("lora_alpha")};
   trained on {trained_on} base, merged into the unquantized base)
 - **Training data:** {_training_data(adapter)}
-- **Prompt template:** `{TEMPLATE_NAME}` (also in `medassist.json`): one user turn, exactly
-  `{prompt}` after the `<bos>` token. Earlier turns were never seen in training.
+- **Prompt template:** `{TEMPLATE_NAME}` (also in `medassist.json`): Gemma's turns, exactly
+  `{prompt}` after the `<bos>` token for one question, and `{follow_up}` for a follow-up (a system message is put
+  before the first user turn's text, after a blank line).
 - **Stop:** generation ends at {stops} (`generation_config.json`).
 
 ## The safety layer is NOT part of these weights

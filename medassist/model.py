@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from medassist import UserError
-from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm
+from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm, describe
 from medassist.data import IGNORE_INDEX
 from medassist.files import ADAPTER_META, atomic_dir
 from medassist.generate import answer_batch
@@ -84,7 +84,10 @@ class MedAssistLM(L.LightningModule):
         self.model = None  # built in configure_model, on each process's own device
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from base_model
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+        # The same answers split by turn: first answers (single questions, a conversation's first turn) and follow-ups.
+        self.val_turns = torch.nn.ModuleDict({"single": MeanMetric(), "followup": MeanMetric()})
         self.base_ppl = None  # validation perplexity before training (the sanity check runs the whole val set)
+        self.base_turns = {}  # the same for first answers and follow-ups
         self._step_start, self._window_tokens = None, 0
 
     # ---- model -------------------------------------------------------------------------------------------------
@@ -102,16 +105,22 @@ class MedAssistLM(L.LightningModule):
         self.model = get_peft_model(base, lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules))
         self.model.train()  # from_pretrained returns eval mode, and Lightning >= 2.2 keeps each module's mode
 
-    def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist."""
+    def response_nll(self, batch, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist.
+        `mask` (same shape as the labels) narrows them further: validation passes the follow-up turns' marks."""
+        return next(self.response_nlls(batch, [mask]))
+
+    def response_nlls(self, batch, masks: list):
+        """(NLL sum, tokens) for each mask of supervised positions (None: all of them), one decoder pass for all."""
         inner = self.model.get_base_model()
         hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         labels = batch["labels"][:, 1:]  # the one shift: position t predicts token t+1
-        keep = labels != IGNORE_INDEX
         weight = inner.get_output_embeddings().weight
         softcap = getattr(inner.config, "final_logit_softcapping", None)
-        return chunked_cross_entropy(hidden[:, :-1][keep], weight, labels[keep], self._chunk_bytes(len(weight)),
-                                     softcap), keep.sum()
+        for mask in masks:
+            keep = (labels != IGNORE_INDEX) & (True if mask is None else mask[:, 1:].bool())
+            yield chunked_cross_entropy(hidden[:, :-1][keep], weight, labels[keep], self._chunk_bytes(len(weight)),
+                                        softcap), keep.sum()
 
     def _chunk_bytes(self, vocab: int) -> int:
         hp = self.hparams
@@ -195,7 +204,11 @@ class MedAssistLM(L.LightningModule):
                     module.training = True  # this module only, not its children
 
     def validation_step(self, batch, batch_idx):
-        self._update_nll(self.val_nll, batch)
+        follow = batch["followup"].bool()
+        masks = {"single": ~follow, "followup": follow}
+        for (name, mask), (nll, n) in zip(masks.items(), self.response_nlls(batch, list(masks.values()))):
+            self.val_turns[name].update(nll / n.clamp(min=1), weight=n)
+            self.val_nll.update(nll / n.clamp(min=1), weight=n)  # token-weighted over both: the mean of every answer
 
     def test_step(self, batch, batch_idx):
         self._update_nll(self.test_nll, batch)
@@ -209,14 +222,25 @@ class MedAssistLM(L.LightningModule):
         metric.reset()
         return loss, loss.exp()
 
+    def _turn_perplexities(self) -> dict[str, float]:
+        """val/ppl of first answers and of follow-ups, for the kinds the validation set has."""
+        out = {}
+        for name, metric in self.val_turns.items():
+            ppl = self._perplexity(metric)[1]  # computed on every rank (a sync), NaN where no rank saw such a turn
+            if torch.isfinite(ppl):
+                out[f"val/ppl_{name}"] = ppl
+        return out
+
     def on_validation_epoch_end(self):
         loss, ppl = self._perplexity(self.val_nll)
+        turns = self._turn_perplexities()
         if self.trainer.sanity_checking:
             if self.base_ppl is None and self.global_step == 0:
                 self.base_ppl = ppl.item()
-                rank_zero_info(f"validation perplexity before training: {self.base_ppl:.3f}")
+                self.base_turns = {k: v.item() for k, v in turns.items()}
+                rank_zero_info(f"validation perplexity before training: {self.base_ppl:.3f}{describe(self.base_turns)}")
             return
-        self.log_dict({"val/loss": loss, "val/ppl": ppl}, prog_bar=True)
+        self.log_dict({"val/loss": loss, "val/ppl": ppl, **turns}, prog_bar=True)
 
     def on_test_epoch_end(self):
         loss, ppl = self._perplexity(self.test_nll)
@@ -226,10 +250,10 @@ class MedAssistLM(L.LightningModule):
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Answer records for a batch of {"question"} items (bad lines pass through with their "error")."""
         tokenizer = self.trainer.datamodule.tokenizer
-        questions = [item["question"] for item in batch if "error" not in item]
+        good = [item for item in batch if "error" not in item]
         adapter = self.trainer.ckpt_path
-        answers = iter(answer_batch(self.model, tokenizer, questions, self.sampling,
-                                    self.hparams.base_model, adapter and str(adapter)))
+        answers = iter(answer_batch(self.model, tokenizer, [item["question"] for item in good], self.sampling,
+                                    self.hparams.base_model, adapter and str(adapter), [i.get("id") for i in good]))
         return [{"question": None, "error": item["error"]} if "error" in item else next(answers) for item in batch]
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
@@ -262,7 +286,8 @@ class MedAssistLM(L.LightningModule):
         # from base_model anyway. FSDP's wrapper modules show in parameter names, not in state-dict keys.
         trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl, **self._data_layout()}
+        checkpoint["medassist"] = {"template": TEMPLATE_NAME, "base_ppl": self.base_ppl, "base_turns": self.base_turns,
+                                   **self._data_layout()}
 
     def _data_layout(self) -> dict:
         """What the saved loader position is counted in: batches of this size on this many ranks, grouped in
@@ -278,7 +303,7 @@ class MedAssistLM(L.LightningModule):
             rank_zero_info(f"restoring {self.trainer.ckpt_path}: step {checkpoint['global_step']}, "
                            f"epoch {checkpoint['epoch']}")
         meta = checkpoint.get("medassist", {})
-        self.base_ppl = meta.get("base_ppl")
+        self.base_ppl, self.base_turns = meta.get("base_ppl"), meta.get("base_turns", {})
         check_template(meta.get("template"), "checkpoint", "Resume with the matching medassist version")
         if self._trainer is not None and "world_size" in meta:
             self._warn_on_layout_change(meta)

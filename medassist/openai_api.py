@@ -146,6 +146,26 @@ def _text(message: Message) -> str:
     return content if isinstance(content, str) else "\n".join(part.text for part in content or [])
 
 
+def conversation(request: ChatRequest, question: str) -> list[dict]:
+    """What the model reads: the user and assistant turns before the last user message, then `question` (that
+    message, validated). System and developer messages are left out (the model was not trained to obey them, and
+    they must not talk it out of the safety layer; the screen and the guard run whatever they say), the disclaimer
+    is taken off earlier answers, empty turns and answers before the first question are dropped, and consecutive
+    turns of one role are joined, so the turns alternate as the template expects."""
+    last = max(i for i, m in enumerate(request.messages) if m.role == "user")
+    turns: list[dict] = []
+    for m in request.messages[:last] + [Message(role="user", content=question)]:
+        text = _text(m).strip()
+        text = safety.unrender(text) if m.role == "assistant" else text
+        if m.role not in ("user", "assistant") or not text or (not turns and m.role == "assistant"):
+            continue
+        if turns and turns[-1]["role"] == m.role:
+            turns[-1]["content"] += f"\n\n{text}"
+        else:
+            turns.append({"role": m.role, "content": text})
+    return turns
+
+
 def user_turns(request: ChatRequest) -> list[dict]:
     """The conversation's user and assistant turns as {"role", "content"}: what the safety screen reads (system
     and developer messages are the client's instructions, not what the person said)."""

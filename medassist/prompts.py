@@ -1,8 +1,10 @@
-"""The prompt template: the one place where a question becomes model input, and where its name comes from.
+"""The prompt template: the one place where a question or a conversation becomes model input, and where its name
+comes from.
 
-Training, validation, prediction, serving, evaluation and export all call `format_prompt` / `encode_prompt`; the
-template's name (`TEMPLATE_NAME`) is saved beside every adapter and export, and `check_template` refuses a model
-trained on another template. No torch, no Lightning: both sides import it.
+Training, validation, prediction, serving, evaluation and export all call `format_conversation` /
+`encode_turns` (a single question is a one-turn conversation: `format_prompt` / `encode_prompt`); the template's name
+(`TEMPLATE_NAME`) is saved beside every adapter and export, and `check_template` refuses a model trained on another
+template. No torch, no Lightning: both sides import it.
 """
 import hashlib
 
@@ -15,36 +17,78 @@ USER = START_OF_TURN + "user\n"
 MODEL = START_OF_TURN + "model\n"
 END_OF_TURN = "<end_of_turn>"
 PROMPT_TAIL = f"{END_OF_TURN}\n{MODEL}"  # closes the question, opens the answer: truncation never cuts it
+TURN_GAP = "\n"  # between a model turn's <end_of_turn> and the next user turn, as in Gemma's own chat template
+# Gemma has no system role: a system message is put before the first user turn's text, as Gemma's chat template does.
+SYSTEM_GAP = "\n\n"
+INPUT_GAP = "\n\n"  # between a question and its optional input (context) part
 # Generation ends at the end of the model's turn and at any turn marker: a small model that goes on with
 # "<start_of_turn>model ..." would otherwise leak a made-up next turn into the answer (plus the tokenizer's eos).
 STOP_TOKENS = (END_OF_TURN, START_OF_TURN)
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The text the model sees before its answer: one user turn, then the opening of the model's turn."""
+def join_input(instruction: str, input: str = "") -> str:
+    """The user turn of an {"instruction", "input"} pair: the question, then its input part after a blank line."""
     question = instruction.strip()
-    if input and input.strip():
-        question = f"{question}\n\n{input.strip()}"
-    return f"{USER}{question}{PROMPT_TAIL}"
+    return f"{question}{INPUT_GAP}{input.strip()}" if input and input.strip() else question
 
 
-def _digest() -> str:
-    """A short hash of everything that shapes the model's input: the rendered template with placeholders, with and
-    without an input part, and the stop tokens. Any change to the strings above changes it."""
-    probe = "\x1f".join([format_prompt("{instruction}"), format_prompt("{instruction}", "{input}"), *STOP_TOKENS])
-    return hashlib.sha256(probe.encode()).hexdigest()[:8]
+def fold_system(messages: list[dict]) -> list[dict]:
+    """`messages` ({"role", "content"}, already validated) as alternating user/assistant turns, the system message
+    (if any, first) put before the first user turn's text."""
+    system = [m["content"].strip() for m in messages if m["role"] == "system"]
+    turns = [{"role": m["role"], "content": m["content"].strip()} for m in messages if m["role"] != "system"]
+    if system and turns:
+        turns[0] = {"role": "user", "content": f"{system[0]}{SYSTEM_GAP}{turns[0]['content']}"}
+    return turns
+
+
+def turn_texts(messages: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) per turn, whose concatenation is the model's input. A user turn's text carries the markers
+    around it and opens the model's turn; an assistant turn's text is its content alone (its <end_of_turn> is added
+    as a token by `encode_turns`, so it can be supervised)."""
+    out = []
+    for i, turn in enumerate(fold_system(messages)):
+        if turn["role"] == "user":
+            out.append(("user", f"{TURN_GAP if i else ''}{USER}{turn['content']}{PROMPT_TAIL}"))
+        else:
+            out.append(("assistant", turn["content"]))
+    return out
+
+
+def format_conversation(messages: list[dict]) -> str:
+    """The text the model sees before its next answer, for a conversation that ends with a user turn."""
+    return "".join(text + (END_OF_TURN if role == "assistant" else "") for role, text in turn_texts(messages))
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The text the model sees before its answer to one question: one user turn, then the opening of the model's turn."""
+    return format_conversation([{"role": "user", "content": join_input(instruction, input)}])
+
+
+_PROBE_CONVERSATION = [{"role": "system", "content": "{system}"}, {"role": "user", "content": "{user}"},
+                       {"role": "assistant", "content": "{assistant}"}, {"role": "user", "content": "{follow_up}"}]
+
+
+def _digest(conversations: bool = True) -> str:
+    """A short hash of everything that shapes the model's input: the rendered template with placeholders (with and
+    without an input part, and, unless `conversations` is False, a two-turn conversation with a system message),
+    and the stop tokens. Any change to the strings above changes it."""
+    probes = [format_prompt("{instruction}"), format_prompt("{instruction}", "{input}")]
+    probes += [format_conversation(_PROBE_CONVERSATION)] if conversations else []
+    return hashlib.sha256("\x1f".join([*probes, *STOP_TOKENS]).encode()).hexdigest()[:8]
 
 
 # Derived, so a change to the strings cannot forget to rename the template.
 TEMPLATE_NAME = f"gemma-turn-{_digest()}"
-# Names written before the name was derived, with the digest of the strings they stood for: an adapter saved as
-# "gemma-turn-v1" is the same template as long as the strings are unchanged, and is refused once they change.
-EARLIER_NAMES = {"gemma-turn-v1": "ef029d2e"}
+# Names written before conversations were part of the template, with the digest of their single-turn strings: an
+# adapter saved under one of them saw the very single-turn prompts this code builds (a conversation repeats them turn
+# by turn), so it loads while those strings are unchanged, and is refused once they change.
+EARLIER_NAMES = {"gemma-turn-v1": "ef029d2e", "gemma-turn-ef029d2e": "ef029d2e"}
 
 
 def same_template(name: str | None) -> bool:
     """Whether a saved template name means the template of this code (a missing name is taken as ours)."""
-    return name is None or name == TEMPLATE_NAME or EARLIER_NAMES.get(name) == _digest()
+    return name is None or name == TEMPLATE_NAME or EARLIER_NAMES.get(name) == _digest(conversations=False)
 
 
 def check_template(name: str | None, source, fix: str) -> None:
@@ -60,9 +104,22 @@ def encode_text(tokenizer, text: str, bos: bool = False) -> list[int]:
     return [tokenizer.bos_token_id] + ids if bos and tokenizer.bos_token_id is not None else ids
 
 
+def encode_turns(tokenizer, messages: list[dict]) -> list[tuple[str, list[int]]]:
+    """(role, ids) per turn, exactly as training saw them: <bos> first; each assistant turn ends with the
+    <end_of_turn> id. Every turn is tokenized on its own, so training and answering split the text the same way."""
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return [(role, encode_text(tokenizer, text, bos=i == 0) + ([end] if role == "assistant" else []))
+            for i, (role, text) in enumerate(turn_texts(messages))]
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the prompt for the next answer in a conversation that ends with a user turn."""
+    return [i for _, ids in encode_turns(tokenizer, messages) for i in ids]
+
+
 def encode_prompt(tokenizer, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the prompt, exactly as training saw it: <bos>, then `format_prompt`."""
-    return encode_text(tokenizer, format_prompt(instruction, input), bos=True)
+    """Token ids of the prompt for one question, exactly as training saw it: <bos>, then `format_prompt`."""
+    return encode_conversation(tokenizer, [{"role": "user", "content": join_input(instruction, input)}])
 
 
 def prompt_tail_length(tokenizer) -> int:

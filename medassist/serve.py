@@ -2,8 +2,11 @@
 
 Every answer goes through `generate.stream_answer` (the training prompt template and the safety layer), so no
 client can skip the disclaimer or the emergency line. Decisions, also in the README ("Serving and export"):
-- the question is the LAST user message; earlier turns and system/developer messages are not sent to the model:
-  it was trained on single turns, and a system prompt must not talk it out of the safety layer;
+- the question is the LAST user message, and the model reads the conversation before it (user and assistant turns,
+  the disclaimer taken off earlier answers; the oldest exchanges left out first when it does not fit the context,
+  never the last question); system/developer messages are not sent to the model: a system prompt must not talk it
+  out of the safety layer (openai_api.conversation);
+- the safety screen reads the latest user turns together (safety.screen_conversation), before the queue;
 - unknown request fields are ignored, wrong-typed or out-of-range known ones refused (openai_api.py);
 - one generation at a time, first come first served (two at once on 2 CPU cores are not faster); at most
   --max-queue requests wait or run, more get a 503; a client that disconnects, queued or mid-stream, stops its
@@ -29,8 +32,8 @@ from starlette.exceptions import HTTPException
 from medassist import UserError, safety
 from medassist.generate import (Outcome, context_length, fixed_answer, load_for_generation, prompt_ids,
                                 stream_answer)
-from medassist.openai_api import (ApiError, Limits, chunk, completion, fields, parse_chat, stop_strings, usage,
-                                  user_turns)
+from medassist.openai_api import (ApiError, Limits, chunk, completion, conversation, fields, parse_chat, stop_strings,
+                                  usage, user_turns)
 from medassist.sampling import Sampling
 
 log = logging.getLogger("medassist.serve")
@@ -43,7 +46,7 @@ _DONE = object()
 class Job:
     """One request's generation: pieces travel from the worker thread to the request's event loop."""
 
-    def __init__(self, question: str, sampling: Sampling, screening=None, stops=()):
+    def __init__(self, question: str | list[dict], sampling: Sampling, screening=None, stops=()):
         self.question, self.sampling, self.screening, self.stops = question, sampling, screening, list(stops)
         self.outcome = Outcome()  # tokens generated and finish_reason, filled in before the record is put
         self.stop = threading.Event()  # set when the client goes away: generation ends after the current token
@@ -138,12 +141,13 @@ class Chat:
 
     async def __call__(self, request: Request, body: bytes):
         req, question, sampling = parse_chat(body, self.limits, self.defaults)
-        n_prompt = self.prompt_tokens(question, sampling)
+        messages = conversation(req, question)
+        n_prompt = self.prompt_tokens(messages, sampling)
         screening = await asyncio.to_thread(safety.screen_conversation, user_turns(req))
-        job = Job(question, sampling, screening, stop_strings(req))
+        job = Job(messages, sampling, screening, stop_strings(req))
         if screening.urgent:
             w = self.worker
-            for item in fixed_answer(screening, question, w.model_name, w.adapter):
+            for item in fixed_answer(screening, messages, w.model_name, w.adapter):
                 job.put(item)
             job.put(_DONE)
         else:
@@ -155,7 +159,7 @@ class Chat:
         return _Stream(job, self.events(job, request, head, n_prompt, include_usage),
                        media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def prompt_tokens(self, question: str, sampling: Sampling) -> int:
+    def prompt_tokens(self, question: str | list[dict], sampling: Sampling) -> int:
         model, tokenizer = self.worker.model, self.worker.tokenizer
         try:
             return len(prompt_ids(tokenizer, question, context_length(model), sampling.max_new_tokens))

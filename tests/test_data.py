@@ -159,4 +159,114 @@ def test_read_questions_keeps_good_lines_and_reports_bad_ones(tmp_path):
     items = read_questions(path)
     assert [i.get("question") for i in items] == ["What is flu?", None, "Why sleep?", None]
     assert items[1]["error"].startswith(f"{path}:2: not valid JSON")
-    assert items[3]["error"] == f"{path}:4: needs a non-empty string 'question'"
+    assert items[3]["error"] == f"{path}:4: needs a non-empty string 'question' (or a conversation: 'messages')"
+
+
+def test_read_questions_takes_conversations_that_end_with_the_question(tmp_path):
+    turns = [{"role": "user", "content": "What is asthma?"}, {"role": "assistant", "content": "A lung condition."},
+             {"role": "user", "content": "And in children?"}]
+    path = write(tmp_path / "q.jsonl", [{"messages": turns, "id": "c1"}, {"messages": turns[:2]}])
+    good, bad = read_questions(path)
+    assert good == {"line": 1, "question": turns, "id": "c1"}
+    assert bad["error"] == (f"{path}:2: the conversation ends with an assistant turn; it must end with the question to "
+                            f"answer (a user turn)")
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+CHAT = {"messages": [{"role": "system", "content": "Answer simply."}, u("What is asthma?"),
+                     a("Asthma is a condition of the airways."), u("And in children?"),
+                     a("Children get it too, often with allergies."), u("Is it contagious?"), a("No, it is not.")]}
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ([u("q"), {"role": "doctor", "content": "a"}], "message 2 has role 'doctor'; use one of system, user, assistant"),
+    ([u("q"), a("  ")], "message 2 \\(assistant\\) has empty or non-string 'content'"),
+    ([u("q"), u("again"), a("a")], "message 2 is a second user turn in a row; user and assistant turns must alternate"),
+    ([u("q"), a("a"), u("and?")], "the conversation ends with a user turn; it must end with its answer \\(an assistant turn\\)"),
+    ([u("q"), {"role": "system", "content": "s"}, a("a")], "message 2 is a system message after the first turn"),
+    ([a("hello"), u("q"), a("a")], "message 1 is an assistant turn; the conversation must start with the user's turn"),
+    ([], "'messages' must be a non-empty list"),
+])
+def test_bad_conversation_names_file_line_and_fix(tmp_path, messages, expected):
+    path = write(tmp_path / "train.jsonl", [GOOD, {"messages": messages}])
+    with pytest.raises(UserError, match=f"{path}:2: {expected}"):
+        read_records(path)
+
+
+def test_sharegpt_lines_are_sent_to_the_importer(tmp_path):
+    path = write(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    with pytest.raises(UserError, match="python -m medassist import sharegpt"):
+        read_records(path)
+
+
+def test_every_assistant_turn_is_supervised_and_nothing_else(tiny_tokenizer):
+    example = tokenize_example(tiny_tokenizer, CHAT, 512)
+    ids, labels = example["input_ids"], example["labels"]
+    supervised = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in supervised)
+    # the supervised positions are exactly the three answers, each with its <end_of_turn>
+    spans, start = [], None
+    for i in range(len(ids) + 1):
+        on = i < len(ids) and labels[i] != IGNORE_INDEX
+        if on and start is None:
+            start = i
+        if not on and start is not None:
+            spans.append(tiny_tokenizer.decode(ids[start:i]))
+            start = None
+    assert spans == ["Asthma is a condition of the airways.<end_of_turn>",
+                     "Children get it too, often with allergies.<end_of_turn>", "No, it is not.<end_of_turn>"]
+    masked = tiny_tokenizer.decode([t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert masked.count("<start_of_turn>user") == 3 and "Answer simply.\n\nWhat is asthma?" in masked
+    # follow-up marks: the second and third answers, not the first
+    followed = tiny_tokenizer.decode([t for t, f in zip(ids, example["followup"]) if f])
+    assert followed == "Children get it too, often with allergies.<end_of_turn>No, it is not.<end_of_turn>"
+
+
+def test_last_assistant_only_supervises_the_last_answer(tiny_tokenizer):
+    example = tokenize_example(tiny_tokenizer, CHAT, 512, train_on="last_assistant")
+    answer = tiny_tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+    assert answer == "No, it is not.<end_of_turn>"
+    with pytest.raises(UserError, match="train_on must be one of all_assistant, last_assistant"):
+        tokenize_records(tiny_tokenizer, [CHAT], 512, train_on="all")
+
+
+def test_a_pair_and_its_one_turn_conversation_tokenize_the_same(tiny_tokenizer):
+    pair = tokenize_example(tiny_tokenizer, {"instruction": "What is asthma?", "input": "I am 30.", "output": "A."}, 64)
+    chat = tokenize_example(tiny_tokenizer, {"messages": [u("What is asthma?\n\nI am 30."), a("A.")]}, 64)
+    assert pair == chat and not any(pair["followup"])
+
+
+def test_too_long_conversation_drops_oldest_exchanges_keeping_system_and_last(tiny_tokenizer, caplog):
+    full = tokenize_example(tiny_tokenizer, CHAT, 512)
+    last = tokenize_example(tiny_tokenizer, {"messages": [CHAT["messages"][0], *CHAT["messages"][-2:]]}, 512)
+    budget = len(last["input_ids"]) + 4  # room for the last exchange only
+    assert len(full["input_ids"]) > budget
+    example = tokenize_example(tiny_tokenizer, CHAT, budget)
+    assert example["dropped"] == 2 and not example["truncated"] and example["input_ids"] == last["input_ids"]
+    text = tiny_tokenizer.decode(example["input_ids"])
+    assert text.startswith("<bos><start_of_turn>user\nAnswer simply.\n\nIs it contagious?") and "airways" not in text
+    assert all(example["followup"][i] for i, t in enumerate(example["labels"]) if t != IGNORE_INDEX)  # still a follow-up
+    with caplog.at_level(logging.WARNING):
+        tokenize_records(tiny_tokenizer, [CHAT, GOOD], budget, "chats.jsonl")
+    assert "chats.jsonl: 1 of 2 conversations longer than max_seq_length" in caplog.text
+    assert "lost their 2 oldest exchange(s)" in caplog.text
+    # a budget below even the last exchange: then the single-pair rule cuts the prompt, then the answer's tail
+    tight = tokenize_example(tiny_tokenizer, CHAT, 24)
+    assert tight["truncated"] and len(tight["input_ids"]) == 24 and tight["dropped"] == 2
+
+
+def test_data_module_reads_conversations_and_validation_keeps_follow_up_marks(tmp_path, tiny_model_dir):
+    train = write(tmp_path / "train.jsonl", [GOOD, CHAT])
+    data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=str(train), val_file=str(train),
+                                 batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "followup"}
+    assert batch["followup"].sum() > 0 and not (batch["followup"].bool() & (batch["labels"] == IGNORE_INDEX)).any()

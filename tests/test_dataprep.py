@@ -1,4 +1,4 @@
-"""Importers (MedQuAD XML, Alpaca JSON/JSONL, PubMedQA), topic splits, duplicates, atomic writes, and the checker."""
+"""Importers (MedQuAD XML, Alpaca JSON/JSONL, PubMedQA, ShareGPT), topic splits, duplicates, atomic writes, and the checker."""
 
 import json
 import subprocess
@@ -124,6 +124,47 @@ def test_alpaca_custom_field_names(tmp_path):
 def test_alpaca_bad_files(tmp_path, capsys, text, expected):
     source = write(tmp_path / ("bad.json" if text.startswith("[") else "bad.jsonl"), text)
     assert run("import", "alpaca", source, "--out", tmp_path / "out") == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---- ShareGPT -------------------------------------------------------------------------------------------------------
+def chat(i, *extra):
+    return {"id": f"c{i}", "conversations": [{"from": "system", "value": "Be kind."},
+                                             {"from": "human", "value": f"What is topic {i}?"},
+                                             {"from": "gpt", "value": f"Topic {i} is a thing."},
+                                             {"from": "human", "value": "And in children?"},
+                                             {"from": "gpt", "value": f"Children get topic {i} too."}, *extra]}
+
+
+def test_sharegpt_becomes_openai_messages_that_fit_reads(tmp_path, capsys):
+    from medassist.data import read_records
+
+    items = [chat(i) for i in range(10)] + [chat(10, {"from": "human", "value": "thanks"})]
+    source = write(tmp_path / "chats.json", json.dumps(items))
+    assert run("import", "sharegpt", source, "--out", tmp_path / "out", "--val-fraction", 0.2, "--test-fraction", 0) == 0
+    assert "skipped 1: last human turn without an answer (dropped)" in capsys.readouterr().out
+    records = read_records(tmp_path / "out" / "train.jsonl") + read_records(tmp_path / "out" / "validation.jsonl")
+    assert len(records) == 11
+    c3 = next(r for r in records if r["id"] == "c3")
+    assert c3["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "What is topic 3?"},
+                              {"role": "assistant", "content": "Topic 3 is a thing."},
+                              {"role": "user", "content": "And in children?"},
+                              {"role": "assistant", "content": "Children get topic 3 too."}]
+    assert next(r for r in records if r["id"] == "c10")["messages"][-1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("item, expected", [
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+     "chats.jsonl:2: unknown speaker(s) bot in 'from'; expected one of human"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a"}]},
+     "chats.jsonl:2: message 2 is a second user turn in a row"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+     "chats.jsonl:2: message 2 (assistant) has empty or non-string 'content'"),
+    ({"messages": []}, "chats.jsonl:2: expected an object with 'conversations'"),
+])
+def test_sharegpt_bad_lines_name_the_line_and_write_nothing(tmp_path, capsys, item, expected):
+    source = write(tmp_path / "chats.jsonl", json.dumps(chat(0)) + "\n" + json.dumps(item) + "\n")
+    assert run("import", "sharegpt", source, "--out", tmp_path / "out") == 2
     assert expected in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 

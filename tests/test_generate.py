@@ -16,7 +16,8 @@ from medassist.records import KEYS as RECORD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["question", "answer", "disclaimer", "flags", "model", "adapter"]
-assert list(RECORD_KEYS) == KEYS + ["error"]  # the record type and the keys every path writes agree
+# the record type and the keys every path writes agree ("id" and "conversation" only where the question had them)
+assert list(RECORD_KEYS) == ["id", "conversation"] + KEYS + ["error"]
 SHORT = Sampling(max_new_tokens=12)
 
 
@@ -134,6 +135,70 @@ def test_merged_export_on_another_template_is_refused(tiny_model_dir, tmp_path):
 def run(*args, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+CHAT = [{"role": "user", "content": "My son is 4 and has a fever."}, {"role": "assistant", "content": "Fever is common."},
+        {"role": "user", "content": "how much paracetamol then?"}]
+
+
+def test_a_conversation_is_answered_as_a_whole_and_its_record_says_so(assistant):
+    from medassist.generate import prompt_ids
+    from medassist.prompts import encode_conversation
+
+    record, alone = assistant.answer_batch([CHAT, CHAT[-1]["content"]], ids=["c1", None])
+    assert record["id"] == "c1" and record["conversation"] == CHAT[:2] and record["question"] == CHAT[-1]["content"]
+    assert list(alone) == KEYS  # a plain question has neither
+    assert "dosing_request" in record["flags"]  # the dose request split across turns is one
+    ids = prompt_ids(assistant.tokenizer, CHAT, 1024, 12)
+    assert ids == encode_conversation(assistant.tokenizer, CHAT)
+    assert "My son is 4" in assistant.tokenizer.decode(ids)
+    streamed = list(assistant.stream(CHAT))
+    assert streamed[-1]["answer"] == record["answer"] and streamed[-1]["conversation"] == CHAT[:2]
+
+
+def test_the_prompt_budget_drops_the_oldest_exchanges_then_refuses(assistant):
+    from medassist.generate import prompt_ids
+    from medassist.prompts import encode_conversation
+
+    tokenizer = assistant.tokenizer
+    last = encode_conversation(tokenizer, CHAT[-1:])
+    assert prompt_ids(tokenizer, CHAT, len(last) + 12, 12) == last  # only room for the question itself
+    system = [{"role": "system", "content": "Be brief."}]
+    kept = prompt_ids(tokenizer, system + CHAT, len(encode_conversation(tokenizer, system + CHAT[-1:])) + 12, 12)
+    assert tokenizer.decode(kept).startswith("<bos><start_of_turn>user\nBe brief.\n\nhow much")
+    with pytest.raises(UserError, match="leaves room for 2. Shorten the question"):
+        prompt_ids(tokenizer, CHAT, 14, 12)
+
+
+def test_chat_keeps_the_conversation_until_reset(assistant, monkeypatch, capsys):
+    from medassist import ask
+
+    seen, real = [], assistant.stream
+
+    def stream(question):  # the real stream, recording what it was asked
+        seen.append(question)
+        return real(question)
+
+    monkeypatch.setattr(assistant, "stream", stream)
+    lines = iter(["What is asthma?", "And in children?", "/reset", "Is it contagious?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert ask.chat(assistant) == 0
+    assert [len(q) for q in seen] == [1, 3, 1]
+    assert seen[1][0]["content"] == "What is asthma?" and seen[1][1]["role"] == "assistant"
+    assert safety.DISCLAIMER not in seen[1][1]["content"]  # the model's turn, not the rendered text
+    assert "(new conversation)" in capsys.readouterr().err
+
+
+def test_predict_file_answers_conversation_lines_with_their_ids(adapter, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": 7, "messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    result = run("scripts/predict.py", "--adapter", str(adapter), "--max-new-tokens", "4", "--input",
+                 str(questions), "--output", str(out))
+    assert result.returncode == 2 and f"{questions}:2: the conversation ends with an assistant turn" in result.stderr
+    first, second = [json.loads(line) for line in out.read_text().splitlines()]
+    assert first["id"] == 7 and first["conversation"] == CHAT[:2] and "dosing_request" in first["flags"]
+    assert "error" in second
 
 
 def test_predict_script_one_question_json_and_bad_input(adapter):

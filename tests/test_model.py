@@ -232,3 +232,26 @@ def test_test_without_a_test_file_says_which_option_to_give(tiny_model_dir, json
     module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
     with pytest.raises(UserError, match="--data.test_file"):
         quiet_trainer(tmp_path).test(module, datamodule=data)
+
+
+def test_validation_reports_first_answers_and_follow_ups_apart(tiny_model_dir, tmp_path):
+    chat = {"messages": [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]},
+                         {"role": "user", "content": "And in children?"},
+                         {"role": "assistant", "content": "Children can have asthma too."}]}
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in [{"instruction": QA[1][0], "output": QA[1][1]}, chat]))
+    data = InstructionDataModule(base_model=str(tiny_model_dir), train_file=str(val), val_file=str(val), batch_size=2)
+    module = MedAssistLM(base_model=str(tiny_model_dir), quantization="none", precision="fp32")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(module, datamodule=data)
+
+    batch = collate([tokenize_example(data.tokenizer, r, 512) for r in read_records(val)], data.tokenizer.pad_token_id)
+    follow = batch["followup"].bool()
+    with torch.no_grad():
+        (first, n_first), (later, n_later) = module.response_nlls(batch, [~follow, follow])
+    assert n_later == len(data.tokenizer("Children can have asthma too.", add_special_tokens=False)["input_ids"]) + 1
+    assert metrics["val/ppl_single"] == pytest.approx(math.exp(first.item() / n_first.item()), rel=1e-4)
+    assert metrics["val/ppl_followup"] == pytest.approx(math.exp(later.item() / n_later.item()), rel=1e-4)
+    total = (first + later).item() / (n_first + n_later).item()
+    assert metrics["val/ppl"] == pytest.approx(math.exp(total), rel=1e-4)  # every answer token, token-weighted

@@ -663,3 +663,37 @@ def test_a_conversation_needs_a_user_turn():
 
     with pytest.raises(ValueError, match="user turn"):
         screen_conversation([{"role": "assistant", "content": "hi"}])
+
+
+def test_an_emergency_two_turns_ago_still_escalates_and_then_lapses():
+    from medassist.safety import screen_conversation
+
+    turns = [{"role": "user", "content": "my dad has crushing chest pain and is sweating"},
+             {"role": "assistant", "content": EMERGENCY_LINE}, {"role": "user", "content": "ok i called them"},
+             {"role": "assistant", "content": "..."}, {"role": "user", "content": "what else can I do?"}]
+    assert "emergency" in screen_conversation(turns).flags  # said two user turns ago: plausibly still going on
+    later = turns + [{"role": "assistant", "content": "..."}, {"role": "user", "content": "what is a balanced diet?"},
+                     {"role": "assistant", "content": "..."}, {"role": "user", "content": "and for kids?"}]
+    assert "emergency" not in screen_conversation(later).flags  # three calm turns later it no longer decides
+
+
+def test_batched_conversation_screening_equals_one_at_a_time():
+    from medassist.safety import screen_conversation, screen_conversations
+
+    chats = [[{"role": "user", "content": "What is asthma?"}],
+             [{"role": "user", "content": "my son is 4"}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": "how much paracetamol then?"}],
+             [{"role": "user", "content": "My dad has chest pain and is sweating"},
+              {"role": "assistant", "content": "..."}, {"role": "user", "content": "what should I do?"}]]
+    together = screen_conversations(chats)
+    assert [s.flags for s in together] == [screen_conversation(c).flags for c in chats]
+    assert [s.flags for s in together][0] == () and "dosing_request" in together[1].flags
+    assert "emergency" in together[2].flags
+
+
+def test_unrender_takes_the_disclaimer_off_an_earlier_answer_only():
+    from medassist.safety import render, unrender
+
+    record = {"answer": f"{EMERGENCY_LINE}\n\nSit down and rest.", "disclaimer": DISCLAIMER, "flags": []}
+    assert unrender(render(record)) == record["answer"]  # the escalation stays: it is what was said
+    assert unrender("  Asthma is common.  ") == "Asthma is common."

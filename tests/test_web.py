@@ -4,6 +4,7 @@ The README screenshot comes from the slow test, on the embedded model:
     MEDASSIST_SCREENSHOT=docs/screenshot.png [MEDASSIST_ADAPTER=checkpoints/.../lora_adapter] pytest tests/test_web.py -m slow
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -63,10 +64,19 @@ def server(adapter, tiny_model_dir, tmp_path_factory):
     stop_server(proc)
 
 
+def sent_messages(page) -> list:
+    """The "messages" of every chat request the page sends, in order."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)["messages"])
+            if r.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
 def test_page_streams_answers_with_disclaimer_banner_and_keeps_the_conversation(browser, server):
     offsite = []
     page = open_page(browser, server, offsite)
     assert page.title() == "medassist"
+    sent = sent_messages(page)
 
     ask(page, "What is asthma?")
     first = page.locator(".turn").nth(0)
@@ -81,6 +91,15 @@ def test_page_streams_answers_with_disclaimer_banner_and_keeps_the_conversation(
     assert safety.EMERGENCY_LINE in second.locator(".emergency").inner_text()
     assert safety.EMERGENCY_LINE not in second.locator(".text").inner_text()
     assert page.locator(".turn").count() == 2 and first.locator(".user").is_visible()  # the conversation stays
+    # the follow-up went with the first exchange: the answer as shown, without its disclaimer
+    shown = first.locator(".text").inner_text().strip()
+    assert sent[1][:2] == [{"role": "user", "content": "What is asthma?"}, {"role": "assistant", "content": shown}]
+    assert sent[1][2]["content"].startswith("I have crushing chest pain") and len(sent[1]) == 3
+
+    page.click("#reset")  # New: the page forgets the conversation
+    assert page.locator(".turn").count() == 0
+    ask(page, "Is it contagious?")
+    assert sent[-1] == [{"role": "user", "content": "Is it contagious?"}]
     assert offsite == []  # no CDN, no fonts, nothing outside the server
 
 
@@ -107,10 +126,11 @@ def test_embedded_model_in_the_page_and_the_readme_screenshot(browser, tmp_path)
     proc, url = start_server(tmp_path / "server.log", *args, "--max-new-tokens", "80", timeout=240)
     try:
         page = open_page(browser, url, [])
+        sent = sent_messages(page)
         ask(page, "What is asthma?", timeout_ms=120_000)
-        ask(page, "My dad's face is drooping and he can't lift his arm", timeout_ms=120_000)
-        assert page.locator(".turn").nth(0).locator(".text").inner_text().strip()  # a real answer, not empty
-        assert page.locator(".turn").nth(1).locator(".emergency").is_visible()
+        ask(page, "And in children?", timeout_ms=120_000)  # a follow-up: only makes sense with the first turn
+        assert all(page.locator(".turn").nth(i).locator(".text").inner_text().strip() for i in (0, 1))  # real answers
+        assert [m["content"] for m in sent[1]][::2] == ["What is asthma?", "And in children?"]
         shot = Path(os.environ.get("MEDASSIST_SCREENSHOT") or tmp_path / "screenshot.png")
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot))

@@ -71,7 +71,7 @@ def latency(questions: list[str], repeats: int = 1) -> dict:
 
 def screen(path: Path) -> int:
     from medassist import safety
-    from medassist.records import read_questions
+    from medassist.records import as_messages, read_questions
 
     items = read_questions(path)
     bad = 0
@@ -80,7 +80,7 @@ def screen(path: Path) -> int:
             print(json.dumps({"line": item["line"], "error": item["error"]}), flush=True)
             bad += 1
             continue
-        s = safety.screen_question(item["question"])
+        s = safety.screen_conversation(as_messages(item["question"]))  # a question or a conversation ending with one
         print(json.dumps({"line": item["line"], "question": item["question"], "flags": list(s.flags),
                           "sources": s.sources, "probabilities": s.probabilities}, ensure_ascii=False), flush=True)
     return 2 if bad else 0
@@ -91,7 +91,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("screen", help="screen every question of a JSONL file")
-    s.add_argument("--input", type=Path, required=True, help='JSONL of {"question": ...} ("instruction"/"text" too)')
+    s.add_argument("--input", type=Path, required=True, help='JSONL of {"question": ...} ("instruction"/"text" too) or '
+                   'of conversations {"messages": [...]} ending with a user turn')
     e = sub.add_parser("evaluate", help="recall, precision and false alarms on a labelled file")
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--kind", choices=["questions", "guard", "conversations"], default="questions")

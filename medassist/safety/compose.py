@@ -42,3 +42,10 @@ def render(record: dict) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
         raise ValueError("render needs a record from compose() with a str 'answer'")
     return f"{record['answer']}\n\n{DISCLAIMER}" if record["answer"] else DISCLAIMER
+
+
+def unrender(text: str) -> str:
+    """An earlier answer as a client sends it back (`render`'s text) without the disclaimer the code added: what
+    goes into the model's context as its own turn (it never wrote the disclaimer, and was not trained to)."""
+    text = text.strip()
+    return text.removesuffix(DISCLAIMER).strip() if text.endswith(DISCLAIMER) else text

@@ -109,24 +109,33 @@ def screen_texts(texts: list[str], use_model: bool = True) -> list[Screening]:
     return [_screening(t, rule_flags(t), p, m) for t, p, m in zip(texts, probabilities, by_model)]
 
 
-def conversation_text(messages: list[dict]) -> str:
-    """The text a conversation is screened on: its latest CONVERSATION_TURNS user turns, oldest first, one per
-    line, so a red flag or a child's age said a turn or two ago still counts with the question asked now."""
+def conversation_turns(messages: list[dict]) -> list[str]:
+    """The user turns a conversation is screened on: its latest CONVERSATION_TURNS, oldest first, so a red flag or a
+    child's age said a turn or two ago still counts with the question asked now."""
     users = [m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
     if not users:
         raise ValueError("a conversation to screen needs at least one user turn")
-    return "\n".join(u.strip() for u in users[-CONVERSATION_TURNS:])
+    return [u.strip() for u in users[-CONVERSATION_TURNS:]]
 
 
 def screen_conversation(messages: list[dict], use_model: bool = True) -> Screening:
     """Screen a conversation at its last user turn: the last turn alone and together with the turns before it; a
     flag fires when either does (a follow-up that only makes sense with what was said before is still caught, and a
     new emergency in the last turn is never diluted by a long history)."""
-    joined = conversation_text(messages)
-    last = joined.rsplit("\n", 1)[-1]
-    if last == joined:
-        return screen_question(last, use_model)
-    alone, together = screen_texts([last, joined], use_model)
+    return screen_conversations([messages], use_model)[0]
+
+
+def screen_conversations(conversations: list[list[dict]], use_model: bool = True) -> list[Screening]:
+    """screen_conversation for many conversations (a single question: a one-turn one), one batched model pass."""
+    turns = [conversation_turns(m) for m in conversations]
+    texts = [t for u in turns for t in ([u[0]] if len(u) == 1 else [u[-1], "\n".join(u)])]
+    screenings = iter(screen_texts(texts, use_model))
+    return [next(screenings) if len(u) == 1 else _either("\n".join(u), next(screenings), next(screenings))
+            for u in turns]
+
+
+def _either(joined: str, alone: Screening, together: Screening) -> Screening:
+    """The screening of a conversation from its last turn's and its joined turns': each flag from either."""
     flags = tuple(f for f in SCREEN_FLAGS if f in alone.flags or f in together.flags)
     sources = {f: sorted(set(alone.sources.get(f, [])) | set(together.sources.get(f, []))) for f in flags}
     probabilities = {k: max(alone.probabilities.get(k, 0.0), together.probabilities.get(k, 0.0))
