@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from medassist import UserError, safety
+from medassist import UserError, retrieval, safety
 from medassist.files import write_jsonl_atomic
 from medassist.records import error_record, read_questions
 from medassist.sampling import Sampling
@@ -27,6 +27,8 @@ def parse_args(argv=None):
                                    "{\"messages\": [...]} that end with the user's question; optional \"id\"")
     p.add_argument("--output", help="where --input's answers go (JSONL, one record per line, input order)")
     p.add_argument("--json", action="store_true", help="print the structured record for one question")
+    p.add_argument("--index", help="answer from a retrieval index (`python -m medassist index build`) and name the "
+                                   "sources")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --input")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--allow-template-mismatch", action="store_true")
@@ -98,9 +100,11 @@ def main(argv=None) -> int:
         raise UserError(str(e)) from None
     if args.input:
         read_questions(args.input)  # a missing or unreadable file fails before loading a model
+    index = retrieval.load(args.index) if args.index else None
     from medassist.generate import Assistant  # torch and transformers: only once the input is known to be good
 
-    assistant = Assistant(args.adapter, args.base_model, args.precision, sampling, args.allow_template_mismatch)
+    assistant = Assistant(args.adapter, args.base_model, args.precision, sampling, args.allow_template_mismatch,
+                          index)
     if args.input:
         return answer_file(assistant, args)
     if args.question is None:

@@ -6,6 +6,7 @@
     merge                             fold an adapter into its base (medassist/merge.py)
     import | check                    data importers and the data checker (medassist/dataprep.py)
     evaluate                          perplexity, ROUGE-L and safety flags on reference answers (medassist/evaluate.py)
+    index                             a retrieval index of a trusted collection (medassist/index.py)
     safety                            the safety layer's screen, evaluation and triage training
 
 One error style: a UserError is one line, `medassist <command>: error: ...`, exit status 2, no traceback. Logging is
@@ -53,6 +54,8 @@ def evaluate_args(argv=None):
                    help="base for perplexity (default: the adapter's, else int8); answers use the merged fp model")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the adapter's, else auto")
     p.add_argument("--tensorboard", metavar="RUN_DIR", help="also log the metrics to this TensorBoard directory")
+    p.add_argument("--index", help="also answer from this retrieval index: retrieval accuracy, and ROUGE-L and "
+                                   "groundedness with retrieval beside those without")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
@@ -66,7 +69,9 @@ EVALUATE_DOC = """Evaluate a fine-tuned adapter (and/or the base model) on a JSO
     python -m medassist evaluate --data data/validation.jsonl --output base.json        # the base model alone
 
 Reports perplexity on the reference answers (response tokens only, the code Lightning validation runs), ROUGE-L of
-the generated answers and the safety layer's flags; with two models also a PNG chart beside the report.
+the generated answers and the safety layer's flags; with two models also a PNG chart beside the report. With
+--index DIR: the top-1 retrieval accuracy, and each model's answers again from the retrieved passages (ROUGE-L and
+groundedness: the share of answer sentences with at least half of their content words in the passage).
 --max-new-tokens 0 skips generation (perplexity only). Exit status 2 on bad input.
 """
 
@@ -78,6 +83,7 @@ COMMANDS = {
     "import": lambda argv: import_module("medassist.dataprep").main(["import", *argv]),
     "check": lambda argv: import_module("medassist.dataprep").main(["check", *argv]),
     "evaluate": _evaluate,
+    "index": lambda argv: import_module("medassist.index").main(argv),
     "safety": lambda argv: import_module("medassist.safety.__main__").main(argv),
 }
 

@@ -128,6 +128,25 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int, train_on: str
     return {"input_ids": ids, "labels": labels, "followup": followup, "truncated": truncated, "dropped": dropped}
 
 
+def with_context(records: list[dict], index, path: str, leave_out: float = 0.0, seed: int = 0) -> list[dict]:
+    """Pairs with the relevant passage of `index` as their input part (as answering puts it there); for a
+    `leave_out` share of them (seeded) the pair's own document is left out of the search, so the model also learns
+    from a passage that is only related. Conversations are kept as they are. Counts are logged."""
+    from medassist.index import doc_of
+    from medassist.prompts import context_text
+
+    rng = random.Random(seed)
+    pairs = [r for r in records if "messages" not in r]
+    excluded = [doc_of(r, path) if rng.random() < leave_out else None for r in pairs]
+    found = index.search([r["instruction"] for r in pairs], k=1, exclude_docs=excluded)
+    hits = iter([[h for h in hits if h["score"] >= index.threshold] for hits in found])
+    out = [r if "messages" in r else {**r, "input": context_text(next(hits))} for r in records]
+    given = sum(bool(r.get("input")) for r in out if "messages" not in r)
+    log.info("%s: %d of %d pairs got a retrieved passage (%d searched without their own document)", path, given,
+             len(pairs), sum(d is not None for d in excluded))
+    return out
+
+
 def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: str = "data",
                      train_on: str = "all_assistant"):
     """A `datasets.Dataset` of tokenized examples; logs how many were shortened and how."""
@@ -211,6 +230,9 @@ class InstructionDataModule(L.LightningDataModule):
         max_seq_length: tokens per example after truncation (oldest exchanges dropped first, then the prompt shortened).
         train_on: which assistant turns of a conversation carry the loss: "all_assistant" or "last_assistant"
             (validation perplexity is over the same turns).
+        index: a retrieval index (`python -m medassist index build`): every pair gets its relevant passage in the
+            prompt, as answers with `--index` do (grounded fine-tuning); None: no passages.
+        leave_out: with an index, the share of training pairs searched without their own document.
         batch_size: examples per micro-batch (per device).
         group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
         num_workers: DataLoader worker processes.
@@ -226,6 +248,8 @@ class InstructionDataModule(L.LightningDataModule):
         test_file: str | None = None,
         max_seq_length: int = 512,
         train_on: str = "all_assistant",
+        index: str | None = None,
+        leave_out: float = 0.3,
         batch_size: int = 4,
         group_by_length: bool = True,
         num_workers: int = 0,
@@ -241,7 +265,9 @@ class InstructionDataModule(L.LightningDataModule):
         if train_on not in TRAIN_ON:
             raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
-        self.train_on = train_on
+        self.train_on, self.index, self.leave_out = train_on, index, leave_out
+        if not 0 <= leave_out <= 1:
+            raise UserError(f"leave_out is a share of the training pairs, 0..1; got {leave_out}")
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file, self.predict_output = predict_file, predict_output
@@ -251,6 +277,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.test_records = read_records(test_file) if test_file else None
         for warning in cross_file_warnings({train_file: self.train_records, val_file: self.val_records}):
             log.warning(warning)
+        from medassist import retrieval
+
+        self.retriever = retrieval.load(index) if index else None  # a bad path fails here, before any model loads
         self.tokenizer = None
 
     def setup(self, stage: str) -> None:
@@ -259,6 +288,12 @@ class InstructionDataModule(L.LightningDataModule):
         from medassist.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.base_model)
+        if self.retriever is not None:
+            index = self.retriever
+            self.train_records = with_context(self.train_records, index, self.train_file, self.leave_out, self.seed)
+            self.val_records = with_context(self.val_records, index, self.val_file)
+            if self.test_records is not None:
+                self.test_records = with_context(self.test_records, index, self.test_file)
         for name in ("train", "val", "test"):
             records, file = getattr(self, f"{name}_records"), getattr(self, f"{name}_file")
             if records is not None:

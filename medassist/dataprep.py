@@ -308,7 +308,8 @@ def run_check(args) -> int:
             pct = "  ".join(f"p{p} {lengths[min(len(lengths) - 1, len(lengths) * p // 100)]}" for p in (50, 90, 95, 99))
             over = sum(n > args.max_seq_length for n in lengths)
             print(f"  tokens: {pct}  max {lengths[-1]}; {over} ({100 * over / len(lengths):.1f}%) longer than "
-                  f"max_seq_length={args.max_seq_length} (truncated: question first, then the answer's tail)")
+                  f"max_seq_length={args.max_seq_length} (shortened: a conversation's oldest exchanges first, then the "
+                  f"question, then the answer's tail)")
     for (a, (_, ra)), (b, (lb, rb)) in combinations(files.items(), 2):
         pairs, questions = overlap(ra, rb)
         failed |= args.strict and bool(pairs)

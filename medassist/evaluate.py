@@ -11,6 +11,8 @@ import gc
 import json
 import math
 import platform
+import re
+import statistics
 import sys
 import time
 from collections import Counter
@@ -20,8 +22,10 @@ from pathlib import Path
 import torch
 
 from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run configs saved before it moved)
+from medassist import safety
 from medassist.data import collate, messages_of, read_records, tokenize_records
 from medassist.generate import answer_batch, load_for_generation, read_adapter_meta
+from medassist.retrieval import query_of
 from medassist.sampling import Sampling
 
 SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
@@ -70,10 +74,34 @@ def perplexity(lm, tokenizer, records: list[dict], max_seq_length: int, batch_si
     return out
 
 
+def generated_part(answer: str) -> str:
+    """An answer without the paragraphs the code adds (escalation, closing lines, source lines)."""
+    from medassist.retrieval import NO_SOURCE_LINE
+
+    fixed = {safety.EMERGENCY_LINE, safety.CRISIS_LINE, safety.DECIDE_LINE, safety.DIAGNOSIS_LINE, NO_SOURCE_LINE}
+    return "\n\n".join(p for p in answer.split("\n\n") if p not in fixed and not p.startswith("Source: "))
+
+
+def content_words(text: str) -> set[str]:
+    """Words of 4+ letters, lower-cased: what a supported sentence must share with its passage."""
+    return {w for w in re.findall(r"[a-z]{4,}", text.lower())} - {"that", "this", "with", "from", "have", "your",
+                                                                  "they", "them", "what", "which", "when", "will"}
+
+
+def groundedness(answer: str, passages: list[str]) -> float | None:
+    """The share of the answer's sentences with at least half of their content words in the passages (None: no
+    sentence with content words). A token-overlap measure: it sees copying, not paraphrase or truth."""
+    known = content_words(" ".join(passages))
+    sentences = [content_words(s) for s in re.split(r"(?<=[.!?])\s+", generated_part(answer))]
+    sentences = [s for s in sentences if s]
+    return sum(len(s & known) >= len(s) / 2 for s in sentences) / len(sentences) if sentences else None
+
+
 def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling, batch_size: int,
-                       model_name: str, adapter: str | None) -> dict:
+                       model_name: str, adapter: str | None, index=None) -> dict:
     """ROUGE-L (torchmetrics) of the answers users would read (safety layer applied, disclaimer not counted) against
-    the references, the safety flags' counts, and every answer."""
+    the references, the safety flags' counts, and every answer; with `index`, answers from the retrieved passages
+    and their groundedness (the mean share of answer sentences supported by the passages used)."""
     from torchmetrics.text.rouge import ROUGEScore
 
     rouge, flags, answers, began = ROUGEScore(rouge_keys=("rougeL",)), Counter(), [], time.perf_counter()
@@ -82,20 +110,29 @@ def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling
               f"({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)  # minutes per batch on a CPU
         chunk = records[start : start + batch_size]
         turns = [messages_of(r) for r in chunk]  # a pair: its question; a conversation: up to its last answer
-        outs = answer_batch(model, tokenizer, [t[:-1] for t in turns], sampling, model_name, adapter)
-        for r, ref, out in zip(chunk, turns, outs):
+        outs = answer_batch(model, tokenizer, [t[:-1] for t in turns], sampling, model_name, adapter, index=index)
+        used = index.relevant([query_of(t[:-1]) for t in turns]) if index else [[] for _ in turns]
+        for r, ref, out, hits in zip(chunk, turns, outs, used):
             entry = {"id": r.get("id"), **({"conversation": out["conversation"]} if "conversation" in out else {}),
                      "question": out["question"], "reference": ref[-1]["content"]}
             if "error" in out:
                 answers.append({**entry, "error": out["error"]})
                 continue
-            score = rouge(out["answer"], ref[-1]["content"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
+            text = generated_part(out["answer"]) if index else out["answer"]  # source lines are not the answer
+            score = rouge(text, ref[-1]["content"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
             flags.update(out["flags"])
-            answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4)})
+            answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4),
+                            **({"sources": out.get("sources", []),
+                                "grounded": groundedness(out["answer"], [h["text"] for h in hits])} if index else {})})
     scored = sum("error" not in a for a in answers)
     total = {k.removeprefix("rougeL_"): round(float(v), 4) for k, v in rouge.compute().items()} if scored else {}
-    return {"rougeL": total, "flags": dict(sorted(flags.items())), "answered": scored,
-            "errors": len(answers) - scored, "answers": answers}
+    out = {"rougeL": total, "flags": dict(sorted(flags.items())), "answered": scored,
+           "errors": len(answers) - scored, "answers": answers}
+    if index:
+        shares = [a["grounded"] for a in answers if a.get("grounded") is not None]
+        out["groundedness"] = round(sum(shares) / len(shares), 4) if shares else None
+        out["with_source"] = sum(bool(a.get("sources")) for a in answers)
+    return out
 
 
 def evaluate_model(name: str, base_model: str, adapter: str | None, records: list[dict], args) -> dict:
@@ -113,17 +150,41 @@ def evaluate_model(name: str, base_model: str, adapter: str | None, records: lis
     if args.max_new_tokens > 0:
         start = time.perf_counter()
         model, tokenizer, model_name = load_for_generation(adapter, base_model, args.precision)
-        result.update(generation_metrics(model, tokenizer, records, Sampling(max_new_tokens=args.max_new_tokens),
-                                         args.batch_size, model_name, adapter))
+        sampling = Sampling(max_new_tokens=args.max_new_tokens)
+        result.update(generation_metrics(model, tokenizer, records, sampling, args.batch_size, model_name, adapter))
         seconds["generation"] = round(time.perf_counter() - start, 1)
+        if args.index:  # the same model, answering from the retrieved passages
+            start = time.perf_counter()
+            result["with_retrieval"] = generation_metrics(model, tokenizer, records, sampling, args.batch_size,
+                                                          model_name, adapter, args.index)
+            seconds["generation_with_retrieval"] = round(time.perf_counter() - start, 1)
         del model
         gc.collect()
     result["seconds"] = seconds
+    grounded = result.get("with_retrieval", {})
     summary = ", ".join(f"{k} {v}" for k, v in [("perplexity", round(result["perplexity"], 3)),
                                                  ("ROUGE-L F", result.get("rougeL", {}).get("fmeasure")),
+                                                 ("with retrieval", grounded.get("rougeL", {}).get("fmeasure")),
+                                                 ("groundedness", grounded.get("groundedness")),
                                                  ("flags", result.get("flags"))] if v is not None)
     print(f"{name}: {summary} ({seconds})", flush=True)
     return result
+
+
+def retrieval_accuracy(index, records: list[dict], path) -> dict:
+    """Top-1 accuracy (the best passage comes from the question's own document, `index.doc_of`), the share above
+    the index's threshold, and the search time per question, one question at a time as a server searches."""
+    from medassist.index import doc_of
+
+    hits, times = [], []
+    for r in records:
+        start = time.perf_counter()
+        hits.append(index.search([query_of(messages_of(r)[:-1])], k=1)[0])
+        times.append(time.perf_counter() - start)
+    right = sum(bool(h) and h[0]["doc"] == doc_of(r, path) for r, h in zip(records, hits))
+    return {"top1_accuracy": round(right / len(records), 4), "questions": len(records),
+            "above_threshold": sum(bool(h) and h[0]["score"] >= index.threshold for h in hits),
+            "threshold": index.threshold, "median_ms": round(1000 * statistics.median(times), 2)}
 
 
 def training_setting(adapter: str | None, key: str):
@@ -162,12 +223,20 @@ def run(args) -> dict:
     args.precision = args.precision or meta.get("precision", "auto")
     args.max_seq_length = args.max_seq_length or training_setting(args.adapter, "max_seq_length") or 384
     records = spread(read_records(args.data), args.limit)
+    retrieval_report = None
+    if args.index:
+        from medassist import retrieval
+
+        args.index = retrieval.load(args.index)
+        retrieval_report = retrieval_accuracy(args.index, records, args.data)
     models = [("base", None)] if args.compare_base or not args.adapter else []
     models += [("fine-tuned", str(args.adapter))] if args.adapter else []
     results = {name: evaluate_model(name, base_model, adapter, records, args) for name, adapter in models}
     settings = {k: getattr(args, k) for k in ("limit", "max_new_tokens", "max_seq_length", "batch_size",
                                               "quantization", "precision")}
+    settings["index"] = args.index.meta["files"] if args.index else None
     report = {"data": str(args.data), "examples": len(records), "settings": settings, "hardware": hardware(),
+              **({"retrieval": retrieval_report} if retrieval_report else {}),
               "results": results, "wall_s": round(time.perf_counter() - wall, 1)}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -191,13 +260,16 @@ def write_chart(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, colors = list(results), ["#999999", "#1f77b4"]
+    names, colors = list(results), ["#999999", "#1f77b4", "#bbbbbb", "#6fa8dc"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    panels = [("perplexity on reference answers (lower is better)", [results[n]["perplexity"] for n in names]),
-              ("ROUGE-L F1 vs references (higher is better)",
-               [results[n].get("rougeL", {}).get("fmeasure", 0) for n in names])]
-    for ax, (title, values) in zip(axes, panels):
-        bars = ax.bar(names, values, color=colors)
+    grounded = [f"{n}\n+ retrieval" for n in names if "with_retrieval" in results[n]]
+    rouge = [results[n].get("rougeL", {}).get("fmeasure", 0) for n in names]
+    rouge += [results[n]["with_retrieval"].get("rougeL", {}).get("fmeasure", 0) for n in names
+              if "with_retrieval" in results[n]]
+    panels = [("perplexity on reference answers (lower is better)", names, [results[n]["perplexity"] for n in names]),
+              ("ROUGE-L F1 vs references (higher is better)", names + grounded, rouge)]
+    for ax, (title, labels, values) in zip(axes, panels):
+        bars = ax.bar(labels, values, color=colors[: len(labels)])
         ax.bar_label(bars, fmt="%.3g")
         ax.set_title(title, fontsize=10)
     flags = sorted({f for n in names for f in results[n].get("flags", {})}) or ["(none)"]

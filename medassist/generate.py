@@ -23,6 +23,7 @@ from medassist import UserError, safety
 from medassist.files import ADAPTER_META
 from medassist.prompts import check_template, encode_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
+from medassist.retrieval import ground, sources_text
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,11 @@ def generate_texts(model, tokenizer, questions: list[str | list[dict]], sampling
 
 
 def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: Sampling | None = None,
-                 model_name: str = "", adapter: str | None = None, ids: list | None = None) -> list[dict]:
+                 model_name: str = "", adapter: str | None = None, ids: list | None = None,
+                 index=None) -> list[dict]:
     """Records for `questions` (texts or conversations), in order, each with its `ids` entry as "id" where given.
-    A bad question gets a record with an "error" and no answer; the others are still answered."""
+    A bad question gets a record with an "error" and no answer; the others are still answered. With `index` (a
+    retrieval.Index) the relevant passages go into the prompt and the record names them as "sources"."""
     sampling = sampling or Sampling()
     records: list[AnswerRecord | None] = []
     todo = []  # (index in records, validated conversation, record context)
@@ -151,10 +154,11 @@ def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: 
         else:
             rest.append((i, messages, context, screening))
     if rest:
-        generated = generate_texts(model, tokenizer, [messages for _, messages, _, _ in rest], sampling)
-        for (i, _, context, screening), raw in zip(rest, generated):
+        grounded = ground(index, [messages for _, messages, _, _ in rest])  # screened on the user's words only
+        generated = generate_texts(model, tokenizer, [messages for messages, _ in grounded], sampling)
+        for (i, _, context, screening), (_, sources), raw in zip(rest, grounded, generated):
             records[i] = answer_record(last_question(questions[i]), safety.compose(screening, raw), model_name,
-                                       adapter, context)
+                                       adapter, context, sources)
     return records
 
 
@@ -215,7 +219,7 @@ class _Generation:
 def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampling | None = None,
                   model_name: str = "", adapter: str | None = None,
                   stop: threading.Event | None = None, screening=None, stop_strings=(),
-                  outcome: Outcome | None = None) -> Iterator[str | AnswerRecord]:
+                  outcome: Outcome | None = None, index=None) -> Iterator[str | AnswerRecord]:
     """Yield the answer as it is generated (str pieces, already through the safety guard), then the record (dict).
 
     The emergency/crisis lines come first, before any generated text; the closing lines and the disclaimer last.
@@ -223,14 +227,17 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
     Setting `stop` (the server does when its client disconnects) or closing the iterator ends generation after the
     current token. `screening`: the caller's (the server screens the whole conversation before queueing).
     `stop_strings` end the generated text (not shown); `outcome`, if given, is filled in before the record comes.
+    `index`: answer from the relevant passages of a retrieval.Index; their "Source:" lines come before the disclaimer.
     """
     sampling, outcome = sampling or Sampling(), outcome if outcome is not None else Outcome()
     messages = validated(question)
-    ids = prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)
+    prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)  # the question itself must fit
     screening = screening or safety.screen_conversation(messages)
     if screening.urgent:
         yield from fixed_answer(screening, question, model_name, adapter)
         return
+    ((grounded, sources),) = ground(index, [messages])
+    ids = prompt_ids(tokenizer, grounded, context_length(model), sampling.max_new_tokens)
     stop = stop or threading.Event()
     generation, cut = _Generation(model, tokenizer, ids, sampling, stop), _StopAt(stop_strings)
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
@@ -257,8 +264,10 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
     for line in safety.closing_lines(screening):
         yield ("\n\n" if said else "") + line
         said = True
+    if sources is not None:
+        yield ("\n\n" if said else "") + sources_text(sources)
     record = answer_record(last_question(question), safety.compose(screening, "".join(generated).strip()), model_name,
-                           adapter, context_of(question))
+                           adapter, context_of(question), sources)
     yield "\n\n" + record["disclaimer"]
     yield record
 
@@ -311,14 +320,15 @@ class Assistant:
     conversation that ends with one."""
 
     def __init__(self, adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
-                 sampling: Sampling | None = None, allow_template_mismatch: bool = False):
-        self.adapter = str(adapter) if adapter else None
+                 sampling: Sampling | None = None, allow_template_mismatch: bool = False, index=None):
+        self.adapter, self.index = (str(adapter) if adapter else None), index
         self.sampling = sampling or Sampling()
         self.model, self.tokenizer, self.model_name = load_for_generation(
             adapter, base_model, precision, allow_template_mismatch)
 
     def answer_batch(self, questions: list[str | list[dict]], ids: list | None = None) -> list[dict]:
-        return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter, ids)
+        return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter, ids,
+                            self.index)
 
     def answer(self, question: str | list[dict]) -> dict:
         record = self.answer_batch([question])[0]
@@ -327,7 +337,8 @@ class Assistant:
         return record
 
     def stream(self, question: str | list[dict]) -> Iterator[str | dict]:
-        return stream_answer(self.model, self.tokenizer, question, self.sampling, self.model_name, self.adapter)
+        return stream_answer(self.model, self.tokenizer, question, self.sampling, self.model_name, self.adapter,
+                             index=self.index)
 
     def settings(self) -> dict:
         return asdict(self.sampling)

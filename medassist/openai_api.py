@@ -196,4 +196,5 @@ def completion(rid: str, created: int, model: str, content: str, finish: str, us
 
 def fields(record: dict) -> dict:
     """The structured safety fields beside the text: clients need not parse the disclaimer out of the message."""
-    return {"answer": record["answer"], "disclaimer": record["disclaimer"], "flags": record["flags"]}
+    return {"answer": record["answer"], "disclaimer": record["disclaimer"], "flags": record["flags"],
+            **({"sources": record["sources"]} if "sources" in record else {})}

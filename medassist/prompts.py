@@ -21,6 +21,8 @@ TURN_GAP = "\n"  # between a model turn's <end_of_turn> and the next user turn, 
 # Gemma has no system role: a system message is put before the first user turn's text, as Gemma's chat template does.
 SYSTEM_GAP = "\n\n"
 INPUT_GAP = "\n\n"  # between a question and its optional input (context) part
+# Retrieved passages go into the input part, each headed by its title, so the model can restate what it was given.
+SOURCE_HEAD = "Source: "
 # Generation ends at the end of the model's turn and at any turn marker: a small model that goes on with
 # "<start_of_turn>model ..." would otherwise leak a made-up next turn into the answer (plus the tokenizer's eos).
 STOP_TOKENS = (END_OF_TURN, START_OF_TURN)
@@ -30,6 +32,11 @@ def join_input(instruction: str, input: str = "") -> str:
     """The user turn of an {"instruction", "input"} pair: the question, then its input part after a blank line."""
     question = instruction.strip()
     return f"{question}{INPUT_GAP}{input.strip()}" if input and input.strip() else question
+
+
+def context_text(passages: list[dict]) -> str:
+    """The input part for retrieved passages ({"title", "text"}), best first: "Source: <title>" then its text."""
+    return INPUT_GAP.join(f"{SOURCE_HEAD}{p['title'].strip()}\n{p['text'].strip()}" for p in passages)
 
 
 def fold_system(messages: list[dict]) -> list[dict]:
@@ -69,26 +76,37 @@ _PROBE_CONVERSATION = [{"role": "system", "content": "{system}"}, {"role": "user
                        {"role": "assistant", "content": "{assistant}"}, {"role": "user", "content": "{follow_up}"}]
 
 
-def _digest(conversations: bool = True) -> str:
-    """A short hash of everything that shapes the model's input: the rendered template with placeholders (with and
-    without an input part, and, unless `conversations` is False, a two-turn conversation with a system message),
-    and the stop tokens. Any change to the strings above changes it."""
-    probes = [format_prompt("{instruction}"), format_prompt("{instruction}", "{input}")]
-    probes += [format_conversation(_PROBE_CONVERSATION)] if conversations else []
-    return hashlib.sha256("\x1f".join([*probes, *STOP_TOKENS]).encode()).hexdigest()[:8]
+def _probes() -> dict[str, list[str]]:
+    """The rendered template with placeholders, by what each part covers: one question (with and without an input
+    part), a two-turn conversation with a system message, and a question with a retrieved passage."""
+    return {"single": [format_prompt("{instruction}"), format_prompt("{instruction}", "{input}")],
+            "conversation": [format_conversation(_PROBE_CONVERSATION)],
+            "context": [format_prompt("{instruction}", context_text([{"title": "{title}", "text": "{text}"}]))]}
+
+
+def _digest(parts: tuple[str, ...] = ("single", "conversation", "context")) -> str:
+    """A short hash of everything that shapes the model's input: the probes of `parts` and the stop tokens. Any
+    change to the strings above changes it."""
+    probes = _probes()
+    return hashlib.sha256("\x1f".join([*(t for part in parts for t in probes[part]), *STOP_TOKENS]).encode()
+                          ).hexdigest()[:8]
 
 
 # Derived, so a change to the strings cannot forget to rename the template.
 TEMPLATE_NAME = f"gemma-turn-{_digest()}"
-# Names written before conversations were part of the template, with the digest of their single-turn strings: an
-# adapter saved under one of them saw the very single-turn prompts this code builds (a conversation repeats them turn
-# by turn), so it loads while those strings are unchanged, and is refused once they change.
-EARLIER_NAMES = {"gemma-turn-v1": "ef029d2e", "gemma-turn-ef029d2e": "ef029d2e"}
+# Names written by earlier versions, with the parts of the template they covered and the digest those parts had: an
+# adapter saved under one of them saw exactly the prompts this code builds for those parts (the later parts only add
+# to them), so it loads while their strings are unchanged, and is refused once they change.
+EARLIER_NAMES = {"gemma-turn-v1": (("single",), "ef029d2e"), "gemma-turn-ef029d2e": (("single",), "ef029d2e"),
+                 "gemma-turn-45311caf": (("single", "conversation"), "45311caf")}
 
 
 def same_template(name: str | None) -> bool:
     """Whether a saved template name means the template of this code (a missing name is taken as ours)."""
-    return name is None or name == TEMPLATE_NAME or EARLIER_NAMES.get(name) == _digest(conversations=False)
+    if name is None or name == TEMPLATE_NAME:
+        return True
+    parts, digest = EARLIER_NAMES.get(name, ((), None))
+    return digest is not None and _digest(parts) == digest
 
 
 def check_template(name: str | None, source, fix: str) -> None:

@@ -6,6 +6,7 @@ from typing import TypedDict
 
 from medassist import UserError
 from medassist.prompts import join_input
+from medassist.retrieval import sources_text
 
 MAX_ERRORS = 20  # bad lines listed in one message
 
@@ -63,7 +64,8 @@ def messages_of(record: dict) -> list[dict]:
 class AnswerRecord(TypedDict, total=False):
     """One answer, as predict, the server, `python -m medassist predict` and the evaluator write it, keys in this
     order. An error record has "error" instead of "answer", "disclaimer" and "flags". `conversation`: the turns
-    before the question, where it was a follow-up (so a batch output shows what each answer answered)."""
+    before the question, where it was a follow-up (so a batch output shows what each answer answered). `sources`:
+    the passages a grounded answer was given ({"title", "source", "url", "score"}), only when an index was used."""
 
     id: str | int
     conversation: list[dict]
@@ -71,6 +73,7 @@ class AnswerRecord(TypedDict, total=False):
     answer: str
     disclaimer: str
     flags: list[str]
+    sources: list[dict]
     model: str
     adapter: str | None
     error: str
@@ -80,9 +83,13 @@ KEYS = tuple(AnswerRecord.__annotations__)
 
 
 def answer_record(question: str, composed: dict, model: str = "", adapter: str | None = None,
-                  context: dict | None = None) -> AnswerRecord:
+                  context: dict | None = None, sources: list[dict] | None = None) -> AnswerRecord:
     """The record of an answered question; `composed` is safety.compose's {"answer", "disclaimer", "flags"};
-    `context`: the question's "id" and earlier "conversation" turns, where it has them."""
+    `context`: the question's "id" and earlier "conversation" turns, where it has them; `sources`: the passages used
+    (None: no index; []: an index had nothing relevant), named after the answer by retrieval.sources_text."""
+    if sources is not None:
+        composed = {**composed, "answer": "\n\n".join(p for p in (composed["answer"], sources_text(sources)) if p),
+                    "sources": sources}
     return ordered({**(context or {}), "question": question, **composed, "model": model, "adapter": adapter})
 
 

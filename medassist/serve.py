@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from medassist import UserError, safety
+from medassist import UserError, retrieval, safety
 from medassist.generate import (Outcome, context_length, fixed_answer, load_for_generation, prompt_ids,
                                 stream_answer)
 from medassist.openai_api import (ApiError, Limits, chunk, completion, conversation, fields, parse_chat, stop_strings,
@@ -81,8 +81,9 @@ class Job:
 class Worker:
     """Generates one answer at a time, first come first served; at most `max_queue` requests wait or run."""
 
-    def __init__(self, model, tokenizer, model_name: str, adapter: str | None, max_queue: int):
+    def __init__(self, model, tokenizer, model_name: str, adapter: str | None, max_queue: int, index=None):
         self.model, self.tokenizer, self.model_name, self.adapter = model, tokenizer, model_name, adapter
+        self.index = index  # a retrieval.Index: answers from its passages, with their sources
         self.max_queue, self.busy, self.stopped = max_queue, 0, 0  # stopped: ended early, their client left
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -102,7 +103,7 @@ class Worker:
                 self.stopped += 1
                 return
             for item in stream_answer(self.model, self.tokenizer, job.question, job.sampling, self.model_name,
-                                      self.adapter, job.stop, job.screening, job.stops, job.outcome):
+                                      self.adapter, job.stop, job.screening, job.stops, job.outcome, self.index):
                 job.put(item)
             self.stopped += job.stop.is_set()  # before _DONE: a client that got everything has not set it yet
         except Exception as e:  # a bug or an out-of-memory: this request fails, the server goes on
@@ -233,10 +234,11 @@ async def _error(request, e: Exception):
 
 
 def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *, api_key: str | None = None,
-               limits: Limits | None = None, sampling: Sampling | None = None, served_name: str = "medassist"):
-    """The FastAPI app around a loaded model (from generate.load_for_generation)."""
+               limits: Limits | None = None, sampling: Sampling | None = None, served_name: str = "medassist",
+               index=None):
+    """The FastAPI app around a loaded model (from generate.load_for_generation) and an optional retrieval index."""
     limits = limits or Limits()
-    worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue)
+    worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue, index)
     chat = Chat(worker, limits, sampling or Sampling(), served_name)
     created = int(time.time())
     info = {"model": served_name, "base_model": model_name, "adapter": Path(adapter).name if adapter else None}
@@ -277,6 +279,8 @@ def parse_args(argv=None):
     p.add_argument("--base-model", help="base model source (default: the adapter's, else 'embedded')")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--allow-template-mismatch", action="store_true")
+    p.add_argument("--index", help="answer from a retrieval index (`python -m medassist index build`), naming the "
+                                   "sources")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server: set an API key")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("MEDASSIST_API_KEY") or None,
@@ -319,13 +323,14 @@ def main(argv=None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    index = retrieval.load(args.index) if args.index else None
     model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
                                                  args.allow_template_mismatch)
     safety.screen_question("What is asthma?")  # loads the triage model now, not during the first request
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)
     app = create_app(model, tokenizer, name, args.adapter, api_key=args.api_key, limits=limits, sampling=sampling,
-                     served_name=args.model_name)
+                     served_name=args.model_name, index=index)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
     log.info("serving %s%s at http://%s:%d/ (API under /v1)", name, f" + {args.adapter}" if args.adapter else "",

@@ -61,4 +61,6 @@ def test_config_resolves_to_what_it_says(config, capsys, monkeypatch):
     assert printed["model"]["base_model"] == ("google/gemma-2b" if config.name == "gemma-2b.yaml" else "embedded")
     assert printed["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
     assert printed["trainer"]["logger"]["init_args"]["name"] == {"lora.yaml": "lora", "medquad.yaml": "medquad",
-                                                                 "gemma-2b.yaml": "gemma-2b"}.get(config.name, "lora")
+                                                                 "gemma-2b.yaml": "gemma-2b",
+                                                                 "medquad-grounded.yaml": "medquad-grounded",
+                                                                 }.get(config.name, "lora")

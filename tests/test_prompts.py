@@ -33,9 +33,11 @@ def test_name_is_derived_from_the_strings_and_old_adapters_still_match(monkeypat
 
     assert TEMPLATE_NAME == f"gemma-turn-{prompts._digest()}"
     assert same_template(TEMPLATE_NAME) and same_template(None) and same_template("gemma-turn-v1")
-    # the single-turn name before conversations: adapters saved under it still load (their prompts are unchanged)
-    assert set(EARLIER_NAMES) == {"gemma-turn-v1", "gemma-turn-ef029d2e"} and same_template("gemma-turn-ef029d2e")
-    assert TEMPLATE_NAME != "gemma-turn-ef029d2e"  # the conversation strings are part of the name now
+    # names before conversations and before retrieved passages: adapters saved under them still load (the prompts
+    # of the parts they covered are unchanged)
+    assert set(EARLIER_NAMES) == {"gemma-turn-v1", "gemma-turn-ef029d2e", "gemma-turn-45311caf"}
+    assert all(same_template(name) for name in EARLIER_NAMES) and TEMPLATE_NAME.removeprefix("gemma-turn-") not in (
+        "ef029d2e", "45311caf")  # the conversation and context strings are part of the name now
     with pytest.raises(UserError, match=r"x was trained with prompt template 'alpaca-v0'; .* Do this"):
         check_template("alpaca-v0", "x", "Do this")
     monkeypatch.setattr(prompts, "END_OF_TURN", "<eot>")  # what an edit of the strings does to the digest
@@ -45,12 +47,14 @@ def test_name_is_derived_from_the_strings_and_old_adapters_still_match(monkeypat
     assert not same_template("gemma-turn-ef029d2e")
 
 
-def test_conversation_name_changes_with_the_turn_strings_alone(monkeypatch):
+def test_each_part_of_the_name_follows_its_own_strings(monkeypatch):
     from medassist import prompts
 
-    monkeypatch.setattr(prompts, "SYSTEM_GAP", "\n")  # only conversations render it
+    monkeypatch.setattr(prompts, "SOURCE_HEAD", "From: ")  # only prompts with retrieved passages render it
     assert prompts._digest() != TEMPLATE_NAME.removeprefix("gemma-turn-")
-    assert same_template("gemma-turn-ef029d2e")  # the single-turn strings did not change
+    assert same_template("gemma-turn-45311caf") and same_template("gemma-turn-ef029d2e")
+    monkeypatch.setattr(prompts, "SYSTEM_GAP", "\n")  # only conversations render it
+    assert not same_template("gemma-turn-45311caf") and same_template("gemma-turn-ef029d2e")
 
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is asthma?"},

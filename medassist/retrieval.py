@@ -1,0 +1,116 @@
+"""Retrieval from a trusted collection: a BM25 index (bm25s) of passages with their title, source and URL.
+
+`python -m medassist index build FILE.jsonl ... --out DIR` writes an index (medassist/index.py); `load(DIR)` reads
+it back in well under a second, and `Index.search(questions)` returns, per question, the best passages with their
+BM25 scores. The answer path (generate.py, the server) puts the passages above the threshold into the prompt through
+`prompts.context_text` and names them in the record as `sources`. No torch, no Lightning.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medassist import UserError
+from medassist.prompts import context_text, join_input
+
+INDEX_FILE = "medassist-index.json"  # beside bm25s' own files: format, passages' origin, settings
+PASSAGES_FILE = "passages.jsonl"
+FORMAT = 1
+# Questions and passages are tokenized the same way: lower-cased words of 2+ letters, English stop words out, Snowball
+# stems (PyStemmer), so "symptoms" finds "symptom".
+LANGUAGE = "english"
+
+
+def tokenize(texts: list[str]) -> list[list[str]]:
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenize(texts, stopwords=LANGUAGE, stemmer=Stemmer.Stemmer(LANGUAGE), return_ids=False,
+                          show_progress=False)
+
+
+@dataclass
+class Index:
+    """A loaded index: `passages[i]` is {"title", "text", "source", "url", "focus", "doc"}; `threshold` the BM25
+    score below which a passage is not used (saved with the index, chosen on validation questions)."""
+
+    bm25: object
+    passages: list[dict]
+    meta: dict
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.get("threshold", 0.0))
+
+    def search(self, questions: list[str], k: int = 3, exclude_docs: list[str | None] | None = None) -> list[list[dict]]:
+        """The best `k` passages for each question, best first, each with its "score"; `exclude_docs[i]` leaves one
+        document out for question i (grounded training: learn to answer from a passage that is only related)."""
+        if not questions:
+            return []
+        k = min(k, len(self.passages))
+        extra = k + (max(self.meta.get("max_passages_per_doc", 1), 1) if exclude_docs else 0)
+        ids, scores = self.bm25.retrieve(tokenize(questions), k=min(extra, len(self.passages)), show_progress=False)
+        out = []
+        for n, (row, row_scores) in enumerate(zip(ids, scores)):
+            skip = exclude_docs[n] if exclude_docs else None
+            hits = [{**self.passages[int(i)], "score": round(float(s), 4)} for i, s in zip(row, row_scores)
+                    if float(s) > 0 and (skip is None or self.passages[int(i)]["doc"] != skip)]
+            out.append(hits[:k])
+        return out
+
+    def relevant(self, questions: list[str], k: int = 1) -> list[list[dict]]:
+        """`search`, keeping only passages at or above the index's threshold (possibly none)."""
+        return [[h for h in hits if h["score"] >= self.threshold] for hits in self.search(questions, k)]
+
+
+def load(directory: str | Path) -> Index:
+    """An index written by `python -m medassist index build`; a clear error for anything else."""
+    import bm25s
+
+    directory = Path(directory)
+    meta_file = directory / INDEX_FILE
+    if not meta_file.is_file():
+        raise UserError(f"{directory}: not a medassist index (no {INDEX_FILE}); build one with `python -m medassist "
+                        f"index build FILE.jsonl --out {directory}`")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{directory}: index format {meta.get('format')}, this medassist reads {FORMAT}; rebuild it "
+                        f"with `python -m medassist index build ... --out {directory} --overwrite`")
+    passages = [json.loads(line) for line in (directory / PASSAGES_FILE).read_text(encoding="utf-8").splitlines()]
+    bm25 = bm25s.BM25.load(str(directory), show_progress=False)
+    return Index(bm25, passages, meta)
+
+
+def source_of(hit: dict) -> dict:
+    """What an answer record names of a passage it used."""
+    return {k: hit[k] for k in ("title", "source", "url", "score")}
+
+
+NO_SOURCE_LINE = "This answer is not based on a source from the collection: nothing in it matched the question well."
+
+
+def sources_text(sources: list[dict]) -> str:
+    """The paragraph the code adds after a grounded answer: one "Source:" line per passage used, or NO_SOURCE_LINE."""
+    if not sources:
+        return NO_SOURCE_LINE
+    return "\n".join(f"Source: {s['title']} ({', '.join(x for x in (s['source'], s['url']) if x)})" for s in sources)
+
+
+def query_of(messages: list[dict]) -> str:
+    """What a conversation retrieves with: its last two user turns (a follow-up such as "and in children?" names
+    its topic only in the turn before)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return " ".join(users[-2:])
+
+
+def ground(index: Index | None, conversations: list[list[dict]], k: int = 1) -> list[tuple[list[dict], list | None]]:
+    """(conversation with the relevant passages in its last user turn, their sources) for each conversation;
+    sources None without an index. The passages go through `prompts.context_text`, the template's input part."""
+    if index is None:
+        return [(c, None) for c in conversations]
+    out = []
+    for messages, hits in zip(conversations, index.relevant([query_of(c) for c in conversations], k)):
+        if hits:
+            last = {"role": "user", "content": join_input(messages[-1]["content"], context_text(hits))}
+            messages = messages[:-1] + [last]
+        out.append((messages, [source_of(h) for h in hits]))
+    return out
