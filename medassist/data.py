@@ -132,8 +132,8 @@ def with_context(records: list[dict], index, path: str, leave_out: float = 0.0, 
     """Pairs with the relevant passage of `index` as their input part (as answering puts it there); for a
     `leave_out` share of them (seeded) the pair's own document is left out of the search, so the model also learns
     from a passage that is only related. Conversations are kept as they are. Counts are logged."""
-    from medassist.index import doc_of
     from medassist.prompts import context_text
+    from medassist.retrieval import doc_of
 
     rng = random.Random(seed)
     pairs = [r for r in records if "messages" not in r]

@@ -1,7 +1,7 @@
 """`python -m medassist index build FILE.jsonl ... --out DIR`: a retrieval index of a trusted collection.
 
 Input: JSONL question/answer pairs as fit reads them ({"instruction", "output"}, optional "source", "url", "focus";
-MedQuAD's importer writes exactly these). Each answer is split into passages of at most --passage-words words, at
+MedQuAD's importer writes exactly these; conversation lines are skipped). Each answer is split into passages of at most --passage-words words, at
 line and sentence ends, each headed by its question; BM25 (bm25s) indexes title and text. Written all or nothing;
 building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medassist import UserError
 from medassist.files import atomic_dir
-from medassist.retrieval import FORMAT, INDEX_FILE, PASSAGES_FILE, LANGUAGE, tokenize
+from medassist.retrieval import FORMAT, INDEX_FILE, LANGUAGE, PASSAGES_FILE, doc_of, tokenize
 
 PASSAGE_WORDS = 160  # ~220 gemma tokens: one passage and a question fit a 384-token training example
 
@@ -31,48 +31,68 @@ def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
     return pieces + ([" ".join(current)] if current else [])
 
 
-def doc_of(record: dict, path: str | Path) -> str:
-    """The document a pair comes from: its URL (MedQuAD: one page, many questions), else its file and topic."""
-    return record.get("url") or f"{Path(path).name}:{record.get('focus') or record['instruction']}"
-
-
-def passages_of(files: list[str], words: int = PASSAGE_WORDS) -> list[dict]:
-    """Every passage of every pair in `files`, in file order. Bad lines: one UserError naming each file:line."""
+def passages_of(files: list[str], words: int = PASSAGE_WORDS) -> tuple[list[dict], int]:
+    """(every passage of every pair in `files`, in file order; conversations skipped). Bad lines: one UserError
+    naming each file:line."""
     from medassist.data import read_records  # file:line validation, as fit does
 
-    passages = []
+    passages, skipped = [], 0
     for path in files:
         for record in read_records(path):
-            if "messages" in record:
-                raise UserError(f"{path}: holds conversations; an index is built from question/answer pairs "
-                                f"({{'instruction', 'output', 'source'?, 'url'?, 'focus'?}})")
+            if "messages" in record:  # a conversation is not a reference text (the bundled data mixes both)
+                skipped += 1
+                continue
             doc = doc_of(record, path)
             for text in split_passages(record["output"], words):
                 passages.append({"title": record["instruction"].strip(), "text": text,
                                  "source": record.get("source") or Path(path).stem, "url": record.get("url") or "",
                                  "focus": record.get("focus") or "", "doc": doc})
     if not passages:
-        raise UserError(f"no passages in {', '.join(files)}")
-    return passages
+        raise UserError(f"no question/answer pairs in {', '.join(files)}; an index is built from "
+                        f"{{'instruction', 'output', 'source'?, 'url'?, 'focus'?}} lines (conversations are skipped)")
+    return passages, skipped
+
+
+KEEP = 0.95  # --calibrate: the threshold keeps this share of the questions whose best passage is their own document
+
+
+def calibrated(bm25, passages: list[dict], path: str) -> tuple[float, dict]:
+    """The threshold that keeps KEEP of `path`'s questions (in the collection) whose best passage is from their own
+    document: below it, a match is weaker than almost all right ones, so no source is shown."""
+    from medassist.data import read_records
+
+    records = [r for r in read_records(path) if "messages" not in r]
+    ids, scores = bm25.retrieve(tokenize([r["instruction"] for r in records]), k=1, show_progress=False)
+    right = sorted(float(s[0]) for r, i, s in zip(records, ids, scores) if passages[int(i[0])]["doc"] == doc_of(r, path))
+    if not right:
+        raise UserError(f"--calibrate {path}: no question found its own document; calibrate with questions whose "
+                        f"documents are in the index (e.g. its validation file)")
+    threshold = round(right[int((1 - KEEP) * len(right))], 4)
+    return threshold, {"calibrated_on": str(path), "questions": len(records), "top1_right": len(right), "keeps": KEEP}
 
 
 def build(files: list[str], out: str | Path, words: int = PASSAGE_WORDS, threshold: float = 0.0,
-          overwrite: bool = False) -> dict:
-    """Write the index of `files` to `out`; returns its medassist-index.json content."""
+          overwrite: bool = False, calibrate: str | None = None) -> dict:
+    """Write the index of `files` to `out`; returns its medassist-index.json content. `calibrate`: a file of
+    questions whose documents are in `files` sets the threshold (`calibrated`) instead of `threshold`."""
     import bm25s
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it, or another --out")
-    passages = passages_of(files, words)
+    passages, skipped = passages_of(files, words)
     bm25 = bm25s.BM25()
     bm25.index(tokenize([f"{p['title']} {p['focus']} {p['text']}" for p in passages]), show_progress=False)
+    calibration = {}
+    if calibrate:
+        threshold, calibration = calibrated(bm25, passages, calibrate)
     per_doc: dict[str, int] = {}
     for p in passages:
         per_doc[p["doc"]] = per_doc.get(p["doc"], 0) + 1
     meta = {"format": FORMAT, "files": [str(f) for f in files], "passages": len(passages), "documents": len(per_doc),
             "max_passages_per_doc": max(per_doc.values()), "passage_words": words, "language": LANGUAGE,
-            "threshold": threshold}
+            "threshold": threshold, **({"calibration": calibration} if calibration else {}),
+            "conversations_skipped": skipped}
     with atomic_dir(out) as tmp:
         bm25.save(str(tmp), show_progress=False)
         with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as f:
@@ -91,10 +111,17 @@ def main(argv=None) -> int:
     b.add_argument("--passage-words", type=int, default=PASSAGE_WORDS)
     b.add_argument("--threshold", type=float, default=0.0,
                    help="BM25 score below which a passage is not used (0: always use the best one)")
+    b.add_argument("--calibrate", metavar="QUESTIONS.jsonl",
+                   help="set the threshold from these questions (their documents in the index, e.g. the validation "
+                        f"file): the score that keeps {KEEP:.0%} of those that find their own document")
     b.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.passage_words < 20:
         raise UserError(f"--passage-words must be at least 20, got {args.passage_words}")
-    meta = build(args.files, args.out, args.passage_words, args.threshold, args.overwrite)
-    print(f"wrote {args.out}: {meta['passages']} passages from {meta['documents']} documents")
+    meta = build(args.files, args.out, args.passage_words, args.threshold, args.overwrite, args.calibrate)
+    print(f"wrote {args.out}: {meta['passages']} passages from {meta['documents']} documents"
+          + (f" ({meta['conversations_skipped']} conversations skipped)" if meta["conversations_skipped"] else "")
+          + f"; threshold {meta['threshold']}" + (f" (from {args.calibrate}: {meta['calibration']['top1_right']} of "
+                                                  f"{meta['calibration']['questions']} questions found their own "
+                                                  f"document)" if args.calibrate else ""))
     return 0

@@ -28,6 +28,11 @@ def tokenize(texts: list[str]) -> list[list[str]]:
                           show_progress=False)
 
 
+def doc_of(record: dict, path: str | Path) -> str:
+    """The document a pair comes from: its URL (MedQuAD: one page, many questions), else its file and topic."""
+    return record.get("url") or f"{Path(path).name}:{record.get('focus') or record['instruction']}"
+
+
 @dataclass
 class Index:
     """A loaded index: `passages[i]` is {"title", "text", "source", "url", "focus", "doc"}; `threshold` the BM25

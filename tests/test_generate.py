@@ -16,8 +16,9 @@ from medassist.records import KEYS as RECORD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["question", "answer", "disclaimer", "flags", "model", "adapter"]
-# the record type and the keys every path writes agree ("id" and "conversation" only where the question had them)
-assert list(RECORD_KEYS) == ["id", "conversation"] + KEYS + ["error"]
+# the record type and the keys every path writes agree ("id" and "conversation" only where the question had them,
+# "sources" only where an index was used)
+assert list(RECORD_KEYS) == ["id", "conversation", *KEYS[:4], "sources", *KEYS[4:], "error"]
 SHORT = Sampling(max_new_tokens=12)
 
 

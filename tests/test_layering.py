@@ -12,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "medassist"
 TRAINING = {"medassist.data", "medassist.dataprep", "medassist.model", "medassist.cli", "medassist.evaluate",
-            "medassist.loss", "medassist.callbacks"}
-ANSWER_SIDE = ["medassist.prompts", "medassist.records", "medassist.sampling", "medassist.safety",
+            "medassist.loss", "medassist.callbacks", "medassist.index"}
+ANSWER_SIDE = ["medassist.prompts", "medassist.records", "medassist.retrieval", "medassist.sampling", "medassist.safety",
                "medassist.openai_api", "medassist.generate", "medassist.serve", "medassist.ask", "medassist.commands"]
-TORCH_FREE = {"medassist.prompts", "medassist.records", "medassist.sampling", "medassist.safety",
+TORCH_FREE = {"medassist.prompts", "medassist.records", "medassist.retrieval", "medassist.sampling", "medassist.safety",
               "medassist.openai_api", "medassist.ask", "medassist.commands"}
 
 

@@ -1,0 +1,174 @@
+"""Retrieval: the index (build, load, determinism, bad input), search, grounded prompts and records with sources,
+grounded training data, the evaluator's side-by-side report and the server's sources."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medassist import UserError, retrieval, safety
+from medassist.index import build, main, split_passages
+from medassist.retrieval import doc_of
+
+COLLECTION = [
+    {"instruction": "What is asthma?", "output": "Asthma is a long-term condition of the airways. The airways "
+     "swell and narrow, which makes breathing hard. Inhalers help.", "source": "NHLBI", "focus": "Asthma",
+     "url": "https://example.org/asthma"},
+    {"instruction": "What are the symptoms of Lyme disease?", "output": "Lyme disease often starts with a red rash "
+     "that spreads from the tick bite, with fever, tiredness and aching joints.", "source": "CDC",
+     "focus": "Lyme disease", "url": "https://example.org/lyme"},
+    {"instruction": "How does the flu spread?", "output": "The flu spreads through droplets when infected people "
+     "cough, sneeze or talk.", "source": "CDC", "focus": "Influenza", "url": "https://example.org/flu"},
+    {"instruction": "How is gout treated?", "output": "Gout attacks are treated with medicines that ease the "
+     "swelling; diet and fewer sugary drinks help prevent attacks.", "source": "NIAMS", "focus": "Gout",
+     "url": "https://example.org/gout"},
+]
+
+
+def write(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("index")
+    build([str(write(tmp / "collection.jsonl", COLLECTION))], tmp / "index", threshold=1.0)
+    return tmp / "index"
+
+
+def test_the_right_passage_comes_first_and_the_index_round_trips(index_dir):
+    index = retrieval.load(index_dir)
+    hits = index.search(["what does lyme disease look like", "can gout be treated?", "how do you catch flu"], k=2)
+    assert [h[0]["focus"] for h in hits] == ["Lyme disease", "Gout", "Influenza"]
+    assert hits[0][0]["url"] == "https://example.org/lyme" and hits[0][0]["score"] > hits[0][1]["score"]
+    assert index.meta["passages"] == 4 and index.meta["documents"] == 4
+
+
+def test_building_twice_gives_the_same_bytes(index_dir, tmp_path):
+    build([str(write(tmp_path / "collection.jsonl", COLLECTION))], tmp_path / "again", threshold=1.0)
+    files = sorted(p.name for p in index_dir.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "again").iterdir())
+    for name in files:
+        if name != "medassist-index.json":  # it names the source file's path
+            assert (index_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_passages_stay_under_the_word_budget_and_keep_every_word():
+    text = "\n".join(f"Sentence number {i} says a few more words here." for i in range(40))
+    pieces = split_passages(text, 30)
+    assert all(len(p.split()) <= 30 for p in pieces) and len(pieces) > 1
+    assert " ".join(pieces).split() == text.split()
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    convo = write(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(UserError, match="no question/answer pairs in .*conversations are skipped"):
+        build([str(convo)], tmp_path / "out")
+    with pytest.raises(UserError, match="file not found"):
+        build([str(tmp_path / "absent.jsonl")], tmp_path / "out")
+    bad = write(tmp_path / "bad.jsonl", [COLLECTION[0], {"instruction": "q"}])
+    with pytest.raises(UserError, match="bad.jsonl:2: missing 'output'"):
+        build([str(bad)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    with pytest.raises(UserError, match="not a medassist index"):
+        retrieval.load(tmp_path)
+    good = write(tmp_path / "good.jsonl", COLLECTION)
+    assert main(["build", str(good), "--out", str(tmp_path / "idx")]) == 0
+    with pytest.raises(UserError, match="already exists and is not empty; pass --overwrite"):
+        main(["build", str(good), "--out", str(tmp_path / "idx")])
+
+
+def test_grounding_puts_relevant_passages_in_the_last_user_turn_only(index_dir):
+    index = retrieval.load(index_dir)
+    chat = [{"role": "user", "content": "What is gout?"}, {"role": "assistant", "content": "A kind of arthritis."},
+            {"role": "user", "content": "how is it treated?"}]  # the topic is in the turn before
+    (grounded, sources), (alone, none) = retrieval.ground(index, [chat, [{"role": "user", "content": "zzz qqq"}]])
+    assert grounded[:2] == chat[:2] and sources[0]["url"] == "https://example.org/gout"
+    assert grounded[-1]["content"].startswith("how is it treated?\n\nSource: How is gout treated?\nGout attacks")
+    assert alone == [{"role": "user", "content": "zzz qqq"}] and none == []  # nothing relevant: no passage
+    assert retrieval.sources_text(sources) == "Source: How is gout treated? (NIAMS, https://example.org/gout)"
+    assert retrieval.sources_text([]) == retrieval.NO_SOURCE_LINE
+
+
+def test_records_with_sources_and_below_the_threshold(index_dir, adapter):
+    from medassist.generate import Assistant, Sampling
+
+    index = retrieval.load(index_dir)
+    assistant = Assistant(adapter, sampling=Sampling(max_new_tokens=6), index=index)
+    lyme, nothing, urgent = assistant.answer_batch(["What are the signs of Lyme disease?", "What is a healthy breakfast?",
+                                                    "I have crushing chest pain and I'm sweating right now"])
+    assert [s["url"] for s in lyme["sources"]] == ["https://example.org/lyme"]
+    assert lyme["answer"].endswith("Source: What are the symptoms of Lyme disease? (CDC, https://example.org/lyme)")
+    assert nothing["sources"] == [] and nothing["answer"].endswith(retrieval.NO_SOURCE_LINE)
+    assert "sources" not in urgent and urgent["answer"].startswith(safety.EMERGENCY_LINE)  # fixed text only
+    streamed = list(assistant.stream("What are the signs of Lyme disease?"))
+    assert "".join(p for p in streamed if isinstance(p, str)) == safety.render(streamed[-1])
+    assert streamed[-1]["sources"] == lyme["sources"]
+    plain = Assistant(adapter, sampling=Sampling(max_new_tokens=6)).answer("What are the signs of Lyme disease?")
+    assert "sources" not in plain and "Source:" not in plain["answer"]
+
+
+def test_grounded_training_data_leaves_the_own_document_out_for_a_share(index_dir, tmp_path):
+    from medassist.data import with_context
+
+    pairs = [dict(r, instruction=r["instruction"]) for r in COLLECTION]
+    kept = with_context(pairs, retrieval.load(index_dir), "collection.jsonl", leave_out=0.0)
+    assert all(r["input"].startswith(f"Source: {r['instruction']}\n") for r in kept)  # its own passage
+    left = with_context(pairs, retrieval.load(index_dir), "collection.jsonl", leave_out=1.0)
+    assert all(not r["input"].startswith(f"Source: {r['instruction']}\n") for r in left)  # never its own
+    assert doc_of(COLLECTION[0], "x.jsonl") == "https://example.org/asthma"
+
+
+def test_the_evaluator_reports_with_and_without_retrieval(index_dir, adapter, tiny_model_dir, tmp_path):
+    from medassist.commands import main as medassist
+
+    data = write(tmp_path / "val.jsonl", COLLECTION)
+    out = tmp_path / "report.json"
+    assert medassist(["evaluate", "--adapter", str(adapter), "--base-model", str(tiny_model_dir), "--data",
+                      str(data), "--index", str(index_dir), "--max-new-tokens", "6", "--quantization", "none",
+                      "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["retrieval"]["top1_accuracy"] == 1.0 and report["retrieval"]["questions"] == 4
+    tuned = report["results"]["fine-tuned"]
+    assert "rougeL" in tuned and "rougeL" in tuned["with_retrieval"]
+    assert tuned["with_retrieval"]["with_source"] == 4
+    assert all(a["sources"] for a in tuned["with_retrieval"]["answers"])
+
+
+def test_groundedness_counts_sentences_supported_by_the_passage():
+    from medassist.evaluate import groundedness
+
+    passage = "Gout attacks are treated with medicines that ease the swelling."
+    answer = "Gout attacks are treated with medicines. Unicorns gallop across rainbows daily.\n\nSource: x"
+    assert groundedness(answer, [passage]) == 0.5
+    assert groundedness(safety.DECIDE_LINE, [passage]) is None  # code-added lines are not the answer
+
+
+def test_the_server_returns_sources(index_dir, adapter):
+    from fastapi.testclient import TestClient
+
+    from medassist.generate import load_for_generation
+    from medassist.serve import create_app
+
+    model, tokenizer, name = load_for_generation(str(adapter))
+    app = create_app(model, tokenizer, name, str(adapter), index=retrieval.load(index_dir))
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [
+            {"role": "user", "content": "How does the flu spread?"}]}).json()
+    assert [s["url"] for s in reply["medassist"]["sources"]] == ["https://example.org/flu"]
+    assert reply["choices"][0]["message"]["content"].endswith(safety.DISCLAIMER)
+    assert "Source: How does the flu spread? (CDC, https://example.org/flu)" in reply["choices"][0]["message"]["content"]
+
+
+def test_calibration_sets_the_threshold_from_questions_that_find_their_own_document(tmp_path):
+    collection = write(tmp_path / "c.jsonl", COLLECTION)
+    questions = write(tmp_path / "q.jsonl", [dict(r, instruction=q) for r, q in zip(
+        COLLECTION, ["asthma airways", "lyme disease rash", "flu droplets", "gout treated"])])
+    meta = build([str(collection)], tmp_path / "idx", calibrate=str(questions))
+    assert meta["calibration"]["top1_right"] == 4 and meta["threshold"] > 0
+    index = retrieval.load(tmp_path / "idx")
+    scores = sorted(h[0]["score"] for h in index.search(["asthma airways", "lyme disease rash", "flu droplets",
+                                                          "gout treated"], k=1))
+    assert meta["threshold"] == pytest.approx(scores[0], abs=1e-3)  # keeps 95%: of 4, all but none
