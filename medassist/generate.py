@@ -4,8 +4,9 @@ One path for every caller (scripts/predict.py, `python -m medassist predict`, th
 `answer_batch` / `stream_answer` take any causal LM + tokenizer; `Assistant` loads a base (+ adapter) for them.
 A question is a text or a conversation ({"role", "content"} turns) that ends with the user's question; the model
 sees the whole conversation, oldest exchanges left out first when it does not fit.
+With a retrieval index the relevant passage goes into the prompt and its source after the answer.
 Every record is a records.AnswerRecord: {"id"?, "conversation"?, "question", "answer", "disclaimer", "flags",
-"model", "adapter"}.
+"sources"?, "model", "adapter"}.
 No Lightning and no training module: the server imports this.
 """
 
@@ -162,12 +163,12 @@ def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: 
     return records
 
 
-def fixed_answer(screening, question: str | list[dict], model_name: str = "", adapter: str | None = None,
-                 id=None) -> Iterator[str | dict]:
+def fixed_answer(screening, question: str | list[dict], model_name: str = "",
+                 adapter: str | None = None) -> Iterator[str | dict]:
     """The stream of an emergency or crisis answer: escalation, vetted guidance, closing lines, disclaimer, record.
     No model runs, so it is shown at once, even when the server is busy generating for others."""
     record = answer_record(last_question(question), safety.compose(screening, ""), model_name, adapter,
-                           context_of(question, id))
+                           context_of(question))
     paragraphs = record["answer"].split("\n\n")
     yield paragraphs[0]  # the escalation alone first: the web page shows it as its banner
     for paragraph in paragraphs[1:] + [record["disclaimer"]]:
