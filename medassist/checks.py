@@ -1,5 +1,6 @@
-"""Duplicates and overlap of instruction records (pairs and conversations): what the checker lists (`python -m medassist.data check`) and
-what `fit` warns about before training. Plain functions on records; no tokenizer, no Lightning."""
+"""Duplicates and overlap of instruction records (pairs and conversations): what the checker lists
+(`python -m medassist.data check`) and what `fit` warns about before training. Plain functions on records; no
+tokenizer, no Lightning."""
 
 import re
 import unicodedata

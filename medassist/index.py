@@ -1,9 +1,9 @@
 """`python -m medassist index build FILE.jsonl ... --out DIR`: a retrieval index of a trusted collection.
 
 Input: JSONL question/answer pairs as fit reads them ({"instruction", "output"}, optional "source", "url", "focus";
-MedQuAD's importer writes exactly these; conversation lines are skipped). Each answer is split into passages of at most --passage-words words, at
-line and sentence ends, each headed by its question; BM25 (bm25s) indexes title and text. Written all or nothing;
-building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
+MedQuAD's importer writes exactly these; conversation lines are skipped). Each answer is split into passages of at
+most --passage-words words, at line and sentence ends, each headed by its question; BM25 (bm25s) indexes title
+and text. Written all or nothing; building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
 """
 import argparse
 import json
@@ -63,7 +63,8 @@ def calibrated(bm25, passages: list[dict], path: str) -> tuple[float, dict]:
 
     records = [r for r in read_records(path) if "messages" not in r]
     ids, scores = bm25.retrieve(tokenize([r["instruction"] for r in records]), k=1, show_progress=False)
-    right = sorted(float(s[0]) for r, i, s in zip(records, ids, scores) if passages[int(i[0])]["doc"] == doc_of(r, path))
+    right = sorted(float(s[0]) for r, i, s in zip(records, ids, scores)
+                   if passages[int(i[0])]["doc"] == doc_of(r, path))
     if not right:
         raise UserError(f"--calibrate {path}: no question found its own document; calibrate with questions whose "
                         f"documents are in the index (e.g. its validation file)")

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from medassist import UserError
-from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm, describe
+from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm, ProgressLines, describe
 from medassist.data import IGNORE_INDEX
 from medassist.files import ADAPTER_META, atomic_dir
 from medassist.generate import answer_batch
@@ -279,7 +279,7 @@ class MedAssistLM(L.LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def configure_callbacks(self):
-        return [AdapterCheckpoint(), CheckpointOnSigterm()]
+        return [AdapterCheckpoint(), CheckpointOnSigterm(), ProgressLines()]
 
     def on_save_checkpoint(self, checkpoint):
         # Only the adapter: with the frozen base a gemma-3-270m int8 checkpoint is 740 MB, and the base is rebuilt

@@ -68,7 +68,8 @@ def format_conversation(messages: list[dict]) -> str:
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
-    """The text the model sees before its answer to one question: one user turn, then the opening of the model's turn."""
+    """The text the model sees before its answer to one question: one user turn, then the opening of the model's
+    turn."""
     return format_conversation([{"role": "user", "content": join_input(instruction, input)}])
 
 

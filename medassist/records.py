@@ -48,7 +48,8 @@ def check_messages(messages, last: str) -> str | None:
         expected = "assistant" if role == "user" else "user"
     if messages[-1]["role"] != last:
         ends = "its answer (an assistant turn)" if last == "assistant" else "the question to answer (a user turn)"
-        return f"the conversation ends with {'an' if last == 'user' else 'a'} {messages[-1]['role']} turn; it must end with {ends}"
+        article = "an" if messages[-1]["role"] == "assistant" else "a"
+        return f"the conversation ends with {article} {messages[-1]['role']} turn; it must end with {ends}"
     return None
 
 

@@ -46,7 +46,8 @@ class Index:
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.0))
 
-    def search(self, questions: list[str], k: int = 3, exclude_docs: list[str | None] | None = None) -> list[list[dict]]:
+    def search(self, questions: list[str], k: int = 3,
+               exclude_docs: list[str | None] | None = None) -> list[list[dict]]:
         """The best `k` passages for each question, best first, each with its "score"; `exclude_docs[i]` leaves one
         document out for question i (grounded training: learn to answer from a passage that is only related)."""
         if not questions:

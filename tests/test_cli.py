@@ -1,6 +1,7 @@
 """The real entry point, `python -m medassist fit ...`, in a subprocess: outputs, resume, and bad input."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -66,6 +67,11 @@ def test_fit_writes_adapter_small_checkpoints_config_and_scalars_then_resumes(ti
     assert torch.load(last, weights_only=False)["global_step"] == 8
     assert max(step for step, _ in scalars(run)["train/loss"]) >= 7
     assert "was written with" not in resumed.stderr  # same devices and batch size: an exact continuation
+    # stderr is a pipe, not a terminal: a plain progress line every 5 optimizer steps, counted from the resume
+    progress = re.search(r"step 5/8 \(epoch 2\): loss \d+\.\d{3}, \d+ tokens/s, elapsed 0:00:\d\d, ETA 0:00:\d\d",
+                         resumed.stdout + resumed.stderr)
+    assert progress, (resumed.stdout + resumed.stderr)[-3000:]
+    assert "step 5/" not in result.stdout + result.stderr  # the first run had 4 steps only
 
     other_batch = run_cli(*tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last",
                                          "--data.batch_size", "2"))

@@ -189,7 +189,8 @@ CHAT = {"messages": [{"role": "system", "content": "Answer simply."}, u("What is
     ([u("q"), {"role": "doctor", "content": "a"}], "message 2 has role 'doctor'; use one of system, user, assistant"),
     ([u("q"), a("  ")], "message 2 \\(assistant\\) has empty or non-string 'content'"),
     ([u("q"), u("again"), a("a")], "message 2 is a second user turn in a row; user and assistant turns must alternate"),
-    ([u("q"), a("a"), u("and?")], "the conversation ends with a user turn; it must end with its answer \\(an assistant turn\\)"),
+    ([u("q"), a("a"), u("and?")],
+     "the conversation ends with a user turn; it must end with its answer \\(an assistant turn\\)"),
     ([u("q"), {"role": "system", "content": "s"}, a("a")], "message 2 is a system message after the first turn"),
     ([a("hello"), u("q"), a("a")], "message 1 is an assistant turn; the conversation must start with the user's turn"),
     ([], "'messages' must be a non-empty list"),
@@ -201,7 +202,8 @@ def test_bad_conversation_names_file_line_and_fix(tmp_path, messages, expected):
 
 
 def test_sharegpt_lines_are_sent_to_the_importer(tmp_path):
-    path = write(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    path = write(tmp_path / "t.jsonl", [{"conversations": turns}])
     with pytest.raises(UserError, match="python -m medassist import sharegpt"):
         read_records(path)
 

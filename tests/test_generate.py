@@ -138,7 +138,8 @@ def run(*args, **kwargs):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
 
 
-CHAT = [{"role": "user", "content": "My son is 4 and has a fever."}, {"role": "assistant", "content": "Fever is common."},
+CHAT = [{"role": "user", "content": "My son is 4 and has a fever."},
+        {"role": "assistant", "content": "Fever is common."},
         {"role": "user", "content": "how much paracetamol then?"}]
 
 

@@ -97,7 +97,8 @@ def test_records_with_sources_and_below_the_threshold(index_dir, adapter):
 
     index = retrieval.load(index_dir)
     assistant = Assistant(adapter, sampling=Sampling(max_new_tokens=6), index=index)
-    lyme, nothing, urgent = assistant.answer_batch(["What are the signs of Lyme disease?", "What is a healthy breakfast?",
+    lyme, nothing, urgent = assistant.answer_batch(["What are the signs of Lyme disease?",
+                                                    "What is a healthy breakfast?",
                                                     "I have crushing chest pain and I'm sweating right now"])
     assert [s["url"] for s in lyme["sources"]] == ["https://example.org/lyme"]
     assert lyme["answer"].endswith("Source: What are the symptoms of Lyme disease? (CDC, https://example.org/lyme)")
