@@ -79,9 +79,9 @@ def chat(assistant) -> int:
             for piece in assistant.stream(history + [{"role": "user", "content": question}]):
                 if isinstance(piece, str):
                     print(piece, end="", flush=True)
-                else:  # the record: the answer as the model's turn, without the disclaimer the code adds
+                else:  # the record: the answer as the model's turn, without the lines the code added
                     history += [{"role": "user", "content": piece["question"]},
-                                {"role": "assistant", "content": piece["answer"]}]
+                                {"role": "assistant", "content": safety.unrender(piece["answer"])}]
             print()
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -128,20 +128,28 @@ def tokenize_example(tokenizer, record: dict, max_seq_length: int, train_on: str
     return {"input_ids": ids, "labels": labels, "followup": followup, "truncated": truncated, "dropped": dropped}
 
 
+def check_train_on(train_on: str) -> None:
+    if train_on not in TRAIN_ON:
+        raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+
+
 def with_context(records: list[dict], index, path: str, leave_out: float = 0.0, seed: int = 0) -> list[dict]:
     """Pairs with the relevant passage of `index` as their input part (as answering puts it there); for a
     `leave_out` share of them (seeded) the pair's own document is left out of the search, so the model also learns
     from a passage that is only related. Conversations are kept as they are. Counts are logged."""
-    from medassist.prompts import context_text
+    from medassist.prompts import INPUT_GAP, context_text
     from medassist.retrieval import doc_of
 
     rng = random.Random(seed)
     pairs = [r for r in records if "messages" not in r]
     excluded = [doc_of(r, path) if rng.random() < leave_out else None for r in pairs]
-    found = index.search([r["instruction"] for r in pairs], k=1, exclude_docs=excluded)
-    hits = iter([[h for h in hits if h["score"] >= index.threshold] for hits in found])
-    out = [r if "messages" in r else {**r, "input": context_text(next(hits))} for r in records]
-    given = sum(bool(r.get("input")) for r in out if "messages" not in r)
+    found = index.relevant([r["instruction"] for r in pairs], k=1, exclude_docs=excluded)
+    hits = iter(found)
+    # after the pair's own input part, as answering puts the passage after the question file's input
+    out = [r if "messages" in r else {**r, "input": INPUT_GAP.join(x for x in ((r.get("input") or "").strip(),
+                                                                             context_text(next(hits))) if x)}
+           for r in records]
+    given = sum(bool(h) for h in found)
     log.info("%s: %d of %d pairs got a retrieved passage (%d searched without their own document)", path, given,
              len(pairs), sum(d is not None for d in excluded))
     return out
@@ -152,8 +160,7 @@ def tokenize_records(tokenizer, records: list[dict], max_seq_length: int, name: 
     """A `datasets.Dataset` of tokenized examples; logs how many were shortened and how."""
     from datasets import Dataset
 
-    if train_on not in TRAIN_ON:
-        raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    check_train_on(train_on)
     rows = [tokenize_example(tokenizer, r, max_seq_length, train_on) for r in records]
     dropped = [r["dropped"] for r in rows if r["dropped"]]
     if dropped:
@@ -262,8 +269,7 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"max_seq_length must be at least 16, got {max_seq_length}")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        if train_on not in TRAIN_ON:
-            raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+        check_train_on(train_on)  # now, before any model loads
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
         self.train_on, self.index, self.leave_out = train_on, index, leave_out
         if not 0 <= leave_out <= 1:

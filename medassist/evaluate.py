@@ -25,7 +25,7 @@ from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run confi
 from medassist import safety
 from medassist.data import collate, messages_of, read_records, tokenize_records
 from medassist.generate import answer_batch, load_for_generation, read_adapter_meta
-from medassist.retrieval import doc_of, query_of
+from medassist.retrieval import doc_of, relevant_passages
 from medassist.sampling import Sampling
 
 SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
@@ -75,11 +75,9 @@ def perplexity(lm, tokenizer, records: list[dict], max_seq_length: int, batch_si
 
 
 def generated_part(answer: str) -> str:
-    """An answer without the paragraphs the code adds (escalation, closing lines, source lines)."""
-    from medassist.retrieval import NO_SOURCE_LINE
-
-    fixed = {safety.EMERGENCY_LINE, safety.CRISIS_LINE, safety.DECIDE_LINE, safety.DIAGNOSIS_LINE, NO_SOURCE_LINE}
-    return "\n\n".join(p for p in answer.split("\n\n") if p not in fixed and not p.startswith("Source: "))
+    """An answer without the paragraphs the code adds after the model's text (closing and source lines): what
+    ROUGE-L and groundedness score, with and without retrieval alike."""
+    return safety.unrender(answer)
 
 
 def content_words(text: str) -> set[str]:
@@ -111,19 +109,21 @@ def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling
         chunk = records[start : start + batch_size]
         turns = [messages_of(r) for r in chunk]  # a pair: its question; a conversation: up to its last answer
         outs = answer_batch(model, tokenizer, [t[:-1] for t in turns], sampling, model_name, adapter, index=index)
-        used = index.relevant([query_of(t[:-1]) for t in turns]) if index else [[] for _ in turns]
+        used = [hits if out.get("sources") else [] for hits, out in  # the passages the answers were given
+                zip(relevant_passages(index, [t[:-1] for t in turns]), outs)] if index else [[] for _ in turns]
         for r, ref, out, hits in zip(chunk, turns, outs, used):
             entry = {"id": r.get("id"), **({"conversation": out["conversation"]} if "conversation" in out else {}),
                      "question": out["question"], "reference": ref[-1]["content"]}
             if "error" in out:
                 answers.append({**entry, "error": out["error"]})
                 continue
-            text = generated_part(out["answer"]) if index else out["answer"]  # source lines are not the answer
+            text = generated_part(out["answer"])  # the code's closing and source lines are not the model's answer
             score = rouge(text, ref[-1]["content"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
             flags.update(out["flags"])
             answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4),
-                            **({"sources": out.get("sources", []),
-                                "grounded": groundedness(out["answer"], [h["text"] for h in hits])} if index else {})})
+                            **({"sources": out.get("sources", []),  # scored only where a passage was given
+                                "grounded": groundedness(out["answer"], [h["text"] for h in hits])
+                                if out.get("sources") else None} if index else {})})
     scored = sum("error" not in a for a in answers)
     total = {k.removeprefix("rougeL_"): round(float(v), 4) for k, v in rouge.compute().items()} if scored else {}
     out = {"rougeL": total, "flags": dict(sorted(flags.items())), "answered": scored,
@@ -178,7 +178,7 @@ def retrieval_accuracy(index, records: list[dict], path) -> dict:
     hits, times = [], []
     for r in records:
         start = time.perf_counter()
-        hits.append(index.search([query_of(messages_of(r)[:-1])], k=1)[0])
+        hits.append(index.search([messages_of(r)[:-1][-1]["content"]], k=1)[0])
         times.append(time.perf_counter() - start)
     right = sum(bool(h) and h[0]["doc"] == doc_of(r, path) for r, h in zip(records, hits))
     topic = sum(bool(h) and (h[0]["doc"] == doc_of(r, path) or (bool(r.get("focus")) and

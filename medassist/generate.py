@@ -24,7 +24,7 @@ from medassist import UserError, safety
 from medassist.files import ADAPTER_META
 from medassist.prompts import check_template, encode_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
-from medassist.retrieval import ground, sources_text
+from medassist.retrieval import ground
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
 
 log = logging.getLogger(__name__)
@@ -140,27 +140,44 @@ def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: 
     for n, question in enumerate(questions):
         context = context_of(question, ids[n] if ids else None)
         try:
-            messages = validated(question)
-            prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)
-            todo.append((len(records), messages, context))
+            todo.append((len(records), validated(question), context))
             records.append(None)
         except ValueError as e:
             records.append(error_record(last_question(question), str(e), model=model_name, adapter=adapter, **context))
     screenings = safety.screen_conversations([m for _, m, _ in todo])  # one batched pass of the triage model
-    rest = []
+    rest, window, new = [], context_length(model), sampling.max_new_tokens
     for (i, messages, context), screening in zip(todo, screenings):
-        if screening.urgent:  # escalation + vetted guidance only: nothing generated may follow it
+        if screening.urgent:  # escalation + vetted guidance only, however long the question: nothing generated
             records[i] = answer_record(last_question(questions[i]), safety.compose(screening, ""), model_name,
                                        adapter, context)
-        else:
+            continue
+        try:
+            prompt_ids(tokenizer, messages, window, new)
             rest.append((i, messages, context, screening))
+        except ValueError as e:
+            records[i] = error_record(last_question(questions[i]), str(e), model=model_name, adapter=adapter, **context)
     if rest:
-        grounded = ground(index, [messages for _, messages, _, _ in rest])  # screened on the user's words only
+        plain = [m for _, m, _, _ in rest]  # screened on the user's words only; the passages come after
+        grounded = fitting(ground(index, plain), plain, tokenizer, window, new)
         generated = generate_texts(model, tokenizer, [messages for messages, _ in grounded], sampling)
         for (i, _, context, screening), (_, sources), raw in zip(rest, grounded, generated):
-            records[i] = answer_record(last_question(questions[i]), safety.compose(screening, raw), model_name,
-                                       adapter, context, sources)
+            composed = safety.with_sources(safety.compose(screening, raw), sources)
+            records[i] = answer_record(last_question(questions[i]), composed, model_name, adapter, context)
     return records
+
+
+def fitting(grounded: list[tuple], plain: list[list[dict]], tokenizer, context: int, max_new_tokens: int) -> list:
+    """`grounded` (retrieval.ground's pairs), except where the passage would push the prompt over the context: that
+    question is answered without it (and says so: no source), never an error (the question alone fits)."""
+    out = []
+    for (messages, sources), original in zip(grounded, plain):
+        try:
+            if sources:
+                prompt_ids(tokenizer, messages, context, max_new_tokens)
+            out.append((messages, sources))
+        except UserError:
+            out.append((original, []))
+    return out
 
 
 def fixed_answer(screening, question: str | list[dict], model_name: str = "",
@@ -232,13 +249,14 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
     """
     sampling, outcome = sampling or Sampling(), outcome if outcome is not None else Outcome()
     messages = validated(question)
-    prompt_ids(tokenizer, messages, context_length(model), sampling.max_new_tokens)  # the question itself must fit
     screening = screening or safety.screen_conversation(messages)
-    if screening.urgent:
+    if screening.urgent:  # however long the question: the escalation needs no model
         yield from fixed_answer(screening, question, model_name, adapter)
         return
-    ((grounded, sources),) = ground(index, [messages])
-    ids = prompt_ids(tokenizer, grounded, context_length(model), sampling.max_new_tokens)
+    window, new = context_length(model), sampling.max_new_tokens
+    prompt_ids(tokenizer, messages, window, new)  # the question itself must fit
+    ((grounded, sources),) = fitting(ground(index, [messages]), [messages], tokenizer, window, new)
+    ids = prompt_ids(tokenizer, grounded, window, new)
     stop = stop or threading.Event()
     generation, cut = _Generation(model, tokenizer, ids, sampling, stop), _StopAt(stop_strings)
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
@@ -266,9 +284,9 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
         yield ("\n\n" if said else "") + line
         said = True
     if sources is not None:
-        yield ("\n\n" if said else "") + sources_text(sources)
-    record = answer_record(last_question(question), safety.compose(screening, "".join(generated).strip()), model_name,
-                           adapter, context_of(question), sources)
+        yield ("\n\n" if said else "") + safety.sources_text(sources)
+    composed = safety.with_sources(safety.compose(screening, "".join(generated).strip()), sources)
+    record = answer_record(last_question(question), composed, model_name, adapter, context_of(question))
     yield "\n\n" + record["disclaimer"]
     yield record
 

@@ -2,8 +2,8 @@
 
 Input: JSONL question/answer pairs as fit reads them ({"instruction", "output"}, optional "source", "url", "focus";
 MedQuAD's importer writes exactly these; conversation lines are skipped). Each answer is split into passages of at
-most --passage-words words, at line and sentence ends, each headed by its question; BM25 (bm25s) indexes title
-and text. Written all or nothing; building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
+most --passage-words words (whole sentences packed in order; a longer sentence is cut between words), each headed
+by its question; BM25 (bm25s) indexes title, topic and text. Written all or nothing; building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
 """
 import argparse
 import json
@@ -18,7 +18,8 @@ PASSAGE_WORDS = 160  # ~220 gemma tokens: one passage and a question fit a 384-t
 
 
 def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
-    """`text` in pieces of at most `words` words, cut at line ends, else sentence ends, else between words."""
+    """`text` in pieces of at most `words` words: its sentences (and lines) packed in order, a sentence longer than
+    `words` cut between words."""
     units = [u for line in text.splitlines() for u in re.split(r"(?<=[.!?])\s+", line.strip()) if u]
     pieces, current = [], []
     for unit in units:
@@ -62,6 +63,8 @@ def calibrated(bm25, passages: list[dict], path: str) -> tuple[float, dict]:
     from medassist.data import read_records
 
     records = [r for r in read_records(path) if "messages" not in r]
+    if not records:
+        raise UserError(f"--calibrate {path}: no question/answer pairs to calibrate with (conversations are skipped)")
     ids, scores = bm25.retrieve(tokenize([r["instruction"] for r in records]), k=1, show_progress=False)
     right = sorted(float(s[0]) for r, i, s in zip(records, ids, scores)
                    if passages[int(i[0])]["doc"] == doc_of(r, path))

@@ -105,13 +105,13 @@ class MedAssistLM(L.LightningModule):
         self.model = get_peft_model(base, lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules))
         self.model.train()  # from_pretrained returns eval mode, and Lightning >= 2.2 keeps each module's mode
 
-    def response_nll(self, batch, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist.
-        `mask` (same shape as the labels) narrows them further: validation passes the follow-up turns' marks."""
-        return next(self.response_nlls(batch, [mask]))
+    def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of NLL over supervised tokens, number of supervised tokens); logits only where labels exist."""
+        return next(self.response_nlls(batch, [None]))
 
     def response_nlls(self, batch, masks: list):
-        """(NLL sum, tokens) for each mask of supervised positions (None: all of them), one decoder pass for all."""
+        """(NLL sum, tokens) for each mask (shaped as the labels) narrowing the supervised positions (None: all of
+        them), one decoder pass for all: validation splits first answers from follow-ups with it."""
         inner = self.model.get_base_model()
         hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         labels = batch["labels"][:, 1:]  # the one shift: position t predicts token t+1
@@ -252,8 +252,10 @@ class MedAssistLM(L.LightningModule):
         tokenizer = self.trainer.datamodule.tokenizer
         good = [item for item in batch if "error" not in item]
         adapter = self.trainer.ckpt_path
+        index = getattr(self.trainer.datamodule, "retriever", None)  # data.index: answer from it, as ask --index
         answers = iter(answer_batch(self.model, tokenizer, [item["question"] for item in good], self.sampling,
-                                    self.hparams.base_model, adapter and str(adapter), [i.get("id") for i in good]))
+                                    self.hparams.base_model, adapter and str(adapter), [i.get("id") for i in good],
+                                    index))
         return [{"question": None, "error": item["error"]} if "error" in item else next(answers) for item in batch]
 
     # ---- optimizer ---------------------------------------------------------------------------------------------

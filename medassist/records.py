@@ -6,7 +6,6 @@ from typing import TypedDict
 
 from medassist import UserError
 from medassist.prompts import join_input
-from medassist.retrieval import sources_text
 
 MAX_ERRORS = 20  # bad lines listed in one message
 
@@ -84,13 +83,9 @@ KEYS = tuple(AnswerRecord.__annotations__)
 
 
 def answer_record(question: str, composed: dict, model: str = "", adapter: str | None = None,
-                  context: dict | None = None, sources: list[dict] | None = None) -> AnswerRecord:
-    """The record of an answered question; `composed` is safety.compose's {"answer", "disclaimer", "flags"};
-    `context`: the question's "id" and earlier "conversation" turns, where it has them; `sources`: the passages used
-    (None: no index; []: an index had nothing relevant), named after the answer by retrieval.sources_text."""
-    if sources is not None:
-        composed = {**composed, "answer": "\n\n".join(p for p in (composed["answer"], sources_text(sources)) if p),
-                    "sources": sources}
+                  context: dict | None = None) -> AnswerRecord:
+    """The record of an answered question; `composed` is safety.compose's {"answer", "disclaimer", "flags"} (and
+    "sources" after safety.with_sources); `context`: the question's "id" and earlier "conversation" turns."""
     return ordered({**(context or {}), "question": question, **composed, "model": model, "adapter": adapter})
 
 

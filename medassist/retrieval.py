@@ -29,8 +29,11 @@ def tokenize(texts: list[str]) -> list[list[str]]:
 
 
 def doc_of(record: dict, path: str | Path) -> str:
-    """The document a pair comes from: its URL (MedQuAD: one page, many questions), else its file and topic."""
-    return record.get("url") or f"{Path(path).name}:{record.get('focus') or record['instruction']}"
+    """The document a record comes from: its URL (MedQuAD: one page, many questions), else its file and topic (or
+    first question)."""
+    first = record.get("instruction") or next((m["content"] for m in record.get("messages", []) if m["role"] == "user"),
+                                              "")
+    return record.get("url") or f"{Path(path).name}:{record.get('focus') or first}"
 
 
 @dataclass
@@ -63,9 +66,10 @@ class Index:
             out.append(hits[:k])
         return out
 
-    def relevant(self, questions: list[str], k: int = 1) -> list[list[dict]]:
+    def relevant(self, questions: list[str], k: int = 1,
+                 exclude_docs: list[str | None] | None = None) -> list[list[dict]]:
         """`search`, keeping only passages at or above the index's threshold (possibly none)."""
-        return [[h for h in hits if h["score"] >= self.threshold] for hits in self.search(questions, k)]
+        return [[h for h in hits if h["score"] >= self.threshold] for hits in self.search(questions, k, exclude_docs)]
 
 
 def load(directory: str | Path) -> Index:
@@ -91,30 +95,31 @@ def source_of(hit: dict) -> dict:
     return {k: hit[k] for k in ("title", "source", "url", "score")}
 
 
-NO_SOURCE_LINE = "This answer is not based on a source from the collection: nothing in it matched the question well."
-
-
-def sources_text(sources: list[dict]) -> str:
-    """The paragraph the code adds after a grounded answer: one "Source:" line per passage used, or NO_SOURCE_LINE."""
-    if not sources:
-        return NO_SOURCE_LINE
-    return "\n".join(f"Source: {s['title']} ({', '.join(x for x in (s['source'], s['url']) if x)})" for s in sources)
-
-
 def query_of(messages: list[dict]) -> str:
-    """What a conversation retrieves with: its last two user turns (a follow-up such as "and in children?" names
-    its topic only in the turn before)."""
+    """The last two user turns of a conversation: what a follow-up such as "and in children?" retrieves with when
+    it finds nothing alone (it names its topic only in the turn before)."""
     users = [m["content"] for m in messages if m["role"] == "user"]
     return " ".join(users[-2:])
 
 
+def relevant_passages(index: Index, conversations: list[list[dict]], k: int = 1) -> list[list[dict]]:
+    """The relevant passages for each conversation's last question: searched with the question alone first (a new
+    topic wins over the one before), then, where that finds nothing, with the user turn before it (`query_of`)."""
+    found = index.relevant([c[-1]["content"] for c in conversations], k)
+    weak = [n for n, hits in enumerate(found) if not hits and len(conversations[n]) > 1]
+    for n, hits in zip(weak, index.relevant([query_of(conversations[n]) for n in weak], k)):
+        found[n] = hits
+    return found
+
+
 def ground(index: Index | None, conversations: list[list[dict]], k: int = 1) -> list[tuple[list[dict], list | None]]:
     """(conversation with the relevant passages in its last user turn, their sources) for each conversation;
-    sources None without an index. The passages go through `prompts.context_text`, the template's input part."""
+    sources None without an index (`relevant_passages`). The passages go through `prompts.context_text`, the
+    template's input part."""
     if index is None:
         return [(c, None) for c in conversations]
     out = []
-    for messages, hits in zip(conversations, index.relevant([query_of(c) for c in conversations], k)):
+    for messages, hits in zip(conversations, relevant_passages(index, conversations, k)):
         if hits:
             last = {"role": "user", "content": join_input(messages[-1]["content"], context_text(hits))}
             messages = messages[:-1] + [last]

@@ -143,8 +143,10 @@ class Chat:
     async def __call__(self, request: Request, body: bytes):
         req, question, sampling = parse_chat(body, self.limits, self.defaults)
         messages = conversation(req, question)
-        n_prompt = self.prompt_tokens(messages, sampling)
         screening = await asyncio.to_thread(safety.screen_conversation, user_turns(req))
+        # an escalation needs no model, so a question too long for its context still gets it; usage counts the
+        # prompt without a retrieved passage (added in the worker)
+        n_prompt = 0 if screening.urgent else self.prompt_tokens(messages, sampling)
         job = Job(messages, sampling, screening, stop_strings(req))
         if screening.urgent:
             w = self.worker
@@ -211,7 +213,7 @@ def authorize(request: Request, api_key: str | None) -> None:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     too_big = ApiError(413, f"request body is over the limit of {max_bytes} bytes; send a shorter "
-                            f"conversation (only the last user message is answered)")
+                            f"conversation (its oldest turns first: the model reads only what fits its context anyway)")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise too_big

@@ -42,12 +42,15 @@ def test_emergency_line_comes_first_and_dosing_gets_the_decide_line(assistant):
 
 
 def test_bad_questions_get_errors_and_the_others_are_answered(assistant):
-    records = assistant.answer_batch(["What is flu?", "   ", "bad \x00 char", "x " * 3000])
+    records = assistant.answer_batch(["What is flu?", "   ", "bad \x00 char", "How does the flu spread? " * 400,
+                                      "I have crushing chest pain and I am sweating. " * 300])
     assert "answer" in records[0] and "error" not in records[0]
     assert "empty" in records[1]["error"] and "control character" in records[2]["error"]
     assert re.fullmatch(r"question is \d+ tokens; with max_new_tokens=12 the model's context of 1024 tokens leaves "
                         r"room for 1012\. Shorten the question", records[3]["error"]), records[3]["error"]
     assert list(records[1]) == ["question", "model", "adapter", "error"]
+    # too long for the context, but an emergency: the escalation needs no model, so it is still given
+    assert records[4]["answer"].startswith(safety.EMERGENCY_LINE) and "error" not in records[4]
     with pytest.raises(UserError):
         assistant.answer("")
 
@@ -187,7 +190,8 @@ def test_chat_keeps_the_conversation_until_reset(assistant, monkeypatch, capsys)
     assert ask.chat(assistant) == 0
     assert [len(q) for q in seen] == [1, 3, 1]
     assert seen[1][0]["content"] == "What is asthma?" and seen[1][1]["role"] == "assistant"
-    assert safety.DISCLAIMER not in seen[1][1]["content"]  # the model's turn, not the rendered text
+    first = assistant.answer("What is asthma?")  # greedy: the answer the chat got for its first question
+    assert seen[1][1]["content"] == safety.unrender(first["answer"])  # the model's own text goes back, nothing added
     assert "(new conversation)" in capsys.readouterr().err
 
 

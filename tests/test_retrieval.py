@@ -88,8 +88,8 @@ def test_grounding_puts_relevant_passages_in_the_last_user_turn_only(index_dir):
     assert grounded[:2] == chat[:2] and sources[0]["url"] == "https://example.org/gout"
     assert grounded[-1]["content"].startswith("how is it treated?\n\nSource: How is gout treated?\nGout attacks")
     assert alone == [{"role": "user", "content": "zzz qqq"}] and none == []  # nothing relevant: no passage
-    assert retrieval.sources_text(sources) == "Source: How is gout treated? (NIAMS, https://example.org/gout)"
-    assert retrieval.sources_text([]) == retrieval.NO_SOURCE_LINE
+    assert safety.sources_text(sources) == "Source: How is gout treated? (NIAMS, https://example.org/gout)"
+    assert safety.sources_text([]) == safety.NO_SOURCE_LINE
 
 
 def test_records_with_sources_and_below_the_threshold(index_dir, adapter):
@@ -102,7 +102,7 @@ def test_records_with_sources_and_below_the_threshold(index_dir, adapter):
                                                     "I have crushing chest pain and I'm sweating right now"])
     assert [s["url"] for s in lyme["sources"]] == ["https://example.org/lyme"]
     assert lyme["answer"].endswith("Source: What are the symptoms of Lyme disease? (CDC, https://example.org/lyme)")
-    assert nothing["sources"] == [] and nothing["answer"].endswith(retrieval.NO_SOURCE_LINE)
+    assert nothing["sources"] == [] and nothing["answer"].endswith(safety.NO_SOURCE_LINE)
     assert "sources" not in urgent and urgent["answer"].startswith(safety.EMERGENCY_LINE)  # fixed text only
     streamed = list(assistant.stream("What are the signs of Lyme disease?"))
     assert "".join(p for p in streamed if isinstance(p, str)) == safety.render(streamed[-1])
@@ -173,3 +173,27 @@ def test_calibration_sets_the_threshold_from_questions_that_find_their_own_docum
     scores = sorted(h[0]["score"] for h in index.search(["asthma airways", "lyme disease rash", "flu droplets",
                                                           "gout treated"], k=1))
     assert meta["threshold"] == pytest.approx(scores[0], abs=1e-3)  # keeps 95%: of 4, all but none
+
+
+def test_a_new_topic_retrieves_for_itself_and_a_follow_up_with_the_turn_before(index_dir):
+    index = retrieval.load(index_dir)
+    gout = [{"role": "user", "content": "What is gout?"}, {"role": "assistant", "content": "A kind of arthritis."}]
+    switched = gout + [{"role": "user", "content": "how does the flu spread?"}]
+    follow = gout + [{"role": "user", "content": "and what helps?"}]
+    new_topic, follow_up = retrieval.relevant_passages(index, [switched, follow])
+    assert new_topic[0]["focus"] == "Influenza" and follow_up[0]["focus"] == "Gout"
+
+
+def test_a_passage_that_does_not_fit_the_context_is_left_out_not_an_error(index_dir, adapter, monkeypatch):
+    from medassist import generate
+    from medassist.generate import Assistant, Sampling, prompt_ids
+
+    assistant = Assistant(adapter, sampling=Sampling(max_new_tokens=4), index=retrieval.load(index_dir))
+    question = "What are the symptoms of Lyme disease?"
+    room = len(prompt_ids(assistant.tokenizer, question, 10_000, 0)) + 4 + 2  # the question fits, a passage not
+    monkeypatch.setattr(generate, "context_length", lambda model: room)
+    record = assistant.answer(question)
+    assert record["sources"] == [] and record["answer"].endswith(safety.NO_SOURCE_LINE)
+    streamed = list(assistant.stream(question))
+    assert streamed[-1]["sources"] == [] and "".join(p for p in streamed if isinstance(p, str)) == safety.render(
+        streamed[-1])

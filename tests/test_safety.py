@@ -691,9 +691,12 @@ def test_batched_conversation_screening_equals_one_at_a_time():
     assert "emergency" in together[2].flags
 
 
-def test_unrender_takes_the_disclaimer_off_an_earlier_answer_only():
-    from medassist.safety import render, unrender
+def test_unrender_takes_off_every_line_the_code_added_after_the_model_text():
+    from medassist.safety import NO_SOURCE_LINE, render, sources_text, unrender
 
     record = {"answer": f"{EMERGENCY_LINE}\n\nSit down and rest.", "disclaimer": DISCLAIMER, "flags": []}
     assert unrender(render(record)) == record["answer"]  # the escalation stays: it is what was said
-    assert unrender("  Asthma is common.  ") == "Asthma is common."
+    source = sources_text([{"title": "Gout", "source": "NIAMS", "url": "https://x.org/gout", "score": 9.0}])
+    shown = f"Rest the joint.\n\n{DECIDE_LINE}\n\n{source}\n\n{DISCLAIMER}"
+    assert unrender(shown) == "Rest the joint."  # no closing line, no source line, no disclaimer
+    assert unrender(f"Rest it.\n\n{NO_SOURCE_LINE}") == "Rest it." and unrender("  Common.  ") == "Common."

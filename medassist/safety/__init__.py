@@ -6,16 +6,18 @@ triage model loads only when the first question is screened, so importing this p
     screen_conversation(messages) -> Screening      (the latest user turns together)
     guard_answer(text) -> (text, flags)             StreamGuard for token streams
     compose(screening, generated) -> record         render(record) -> the text a person reads
-    unrender(text) -> an earlier answer as the model said it (the disclaimer the code added taken off)
+    with_sources(record, sources)                   the "Source:" lines after a grounded answer
+    unrender(text) -> an earlier answer as the model said it (the lines the code added taken off)
 """
-from medassist.safety.compose import closing_lines, compose, fixed_lines, render, stream_guard, unrender
+from medassist.safety.compose import (closing_lines, compose, fixed_lines, render, sources_text, stream_guard, unrender,
+                                      with_sources)
 from medassist.safety.guard import StreamGuard, guard_answer
 from medassist.safety.lines import (CRISIS_LINE, DECIDE_LINE, DIAGNOSIS_LINE, DISCLAIMER, EMERGENCY_LINE, GUARD_FLAGS,
-                                    SCREEN_FLAGS, URGENT_FLAGS)
+                                    NO_SOURCE_LINE, SCREEN_FLAGS, SOURCE_LINE, URGENT_FLAGS)
 from medassist.safety.screen import (Screening, rule_flags, screen_conversation, screen_conversations, screen_question,
                                      screen_texts, validate_question)
 
 __all__ = ["CRISIS_LINE", "DECIDE_LINE", "DIAGNOSIS_LINE", "DISCLAIMER", "EMERGENCY_LINE", "GUARD_FLAGS",
-           "SCREEN_FLAGS", "URGENT_FLAGS", "Screening", "StreamGuard", "closing_lines", "compose", "fixed_lines",
+           "NO_SOURCE_LINE", "SOURCE_LINE", "SCREEN_FLAGS", "sources_text", "with_sources", "URGENT_FLAGS", "Screening", "StreamGuard", "closing_lines", "compose", "fixed_lines",
            "guard_answer", "render", "rule_flags", "screen_conversation", "screen_conversations", "screen_question",
            "screen_texts", "stream_guard", "unrender", "validate_question"]

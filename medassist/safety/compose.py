@@ -1,7 +1,8 @@
 """The final answer: escalation first, then vetted guidance (emergency or crisis) or the guarded generated text,
 then the closing lines; the disclaimer is added by code, never by the model."""
 from medassist.safety.guard import StreamGuard, guard_answer
-from medassist.safety.lines import CLOSING_LINES, DISCLAIMER, GUARD_FLAGS, SCREEN_FLAGS
+from medassist.safety.lines import (CLOSING_LINES, DECIDE_LINE, DIAGNOSIS_LINE, DISCLAIMER, GUARD_FLAGS, NO_SOURCE_LINE,
+                                    SCREEN_FLAGS, SOURCE_LINE)
 from medassist.safety.screen import Screening
 
 
@@ -44,8 +45,30 @@ def render(record: dict) -> str:
     return f"{record['answer']}\n\n{DISCLAIMER}" if record["answer"] else DISCLAIMER
 
 
+def sources_text(sources: list[dict]) -> str:
+    """The paragraph after a grounded answer: one SOURCE_LINE per passage used, or NO_SOURCE_LINE."""
+    if not sources:
+        return NO_SOURCE_LINE
+    return "\n".join(SOURCE_LINE.format(title=s["title"], where=", ".join(x for x in (s["source"], s["url"]) if x))
+                     for s in sources)
+
+
+def with_sources(composed: dict, sources: list[dict] | None) -> dict:
+    """`composed` with the sources of a grounded answer: "sources" and their lines after the answer (None: no
+    index was used, nothing added)."""
+    if sources is None:
+        return composed
+    answer = "\n\n".join(p for p in (composed["answer"], sources_text(sources)) if p)
+    return {**composed, "answer": answer, "sources": sources}
+
+
 def unrender(text: str) -> str:
-    """An earlier answer as a client sends it back (`render`'s text) without the disclaimer the code added: what
-    goes into the model's context as its own turn (it never wrote the disclaimer, and was not trained to)."""
-    text = text.strip()
-    return text.removesuffix(DISCLAIMER).strip() if text.endswith(DISCLAIMER) else text
+    """An earlier answer as a client sends it back (`render`'s text) as the model's own turn: without the paragraphs
+    the code added after the model's text (closing lines, source lines, the disclaimer). The model never wrote them
+    and was not trained on them; a model that learnt to imitate a source line could cite what it never read. The
+    escalation stays: it is what was said to the person."""
+    added = {DISCLAIMER, DECIDE_LINE, DIAGNOSIS_LINE, NO_SOURCE_LINE}
+    head = SOURCE_LINE.split("{", 1)[0]
+    kept = [p for p in text.strip().split("\n\n")
+            if p.strip() not in added and not all(line.startswith(head) for line in p.strip().splitlines())]
+    return "\n\n".join(kept).strip()

@@ -11,6 +11,10 @@ DECIDE_LINE = ("Only a doctor or pharmacist who knows your health history can de
                "a dose or a schedule for you.")
 DIAGNOSIS_LINE = "I can't tell what is causing your symptoms; a doctor who can examine you can."
 
+# After a grounded answer (a retrieval index was used): one line per passage, or this when none was relevant.
+SOURCE_LINE = "Source: {title} ({where})"
+NO_SOURCE_LINE = "This answer is not based on a source from the collection: nothing in it matched the question well."
+
 SCREEN_FLAGS = ("emergency", "crisis", "dosing_request", "diagnosis_request", "prompt_injection")
 GUARD_FLAGS = ("dose_removed", "diagnosis_removed", "doctor_claim_removed", "contact_removed")
 URGENT_FLAGS = ("emergency", "crisis")  # answered with the escalation and vetted guidance only, never generated text
