@@ -194,7 +194,8 @@ class SampleAnswers(L.Callback):
         # Generation seeds torch; keep the training RNG where it was so a run is the same with or without samples.
         cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            records = answer_batch(pl_module.model, trainer.datamodule.tokenizer, self.questions, self.sampling)
+            records = answer_batch(pl_module.model, trainer.datamodule.tokenizer, self.questions, self.sampling,
+                                   index=getattr(trainer.datamodule, "retriever", None))  # as answers will be given
         for i, record in enumerate(records):
             text = markdown(record) if "answer" in record else f"**Q:** {record['question']}  \n*{record['error']}*"
             experiment.add_text(f"samples/{i}", text, trainer.global_step)

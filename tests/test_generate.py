@@ -233,16 +233,23 @@ def test_predict_script_file_mode_keeps_order_and_reports_bad_lines(adapter, tmp
 
 
 def test_lightning_predict_writes_jsonl(tiny_model_dir, tmp_path):
+    from medassist.index import build
+
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "What is flu?"}\n{"question": "I took too many pills and feel sleepy"}\n')
+    collection = tmp_path / "collection.jsonl"  # data.index: predict answers from it, as `ask --index` does
+    collection.write_text(json.dumps({"instruction": "How does the flu spread?", "output": "Flu spreads by droplets.",
+                                      "source": "CDC", "url": "https://example.org/flu"}) + "\n")
+    build([str(collection)], tmp_path / "index")
     out = tmp_path / "pred.jsonl"
     result = run("-m", "medassist", "predict", "--config", "configs/lora.yaml", "--model.base_model",
                  str(tiny_model_dir), "--model.sampling.max_new_tokens", "6", "--data.predict_file", str(questions),
                  "--data.predict_output", str(out), "--trainer.logger", "false", "--trainer.callbacks", "[]",
-                 "--trainer.default_root_dir", str(tmp_path))
+                 "--trainer.default_root_dir", str(tmp_path), "--data.index", str(tmp_path / "index"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [list(r) for r in records] == [KEYS, KEYS]
+    assert list(records[0]) == [*KEYS[:4], "sources", *KEYS[4:]] and list(records[1]) == KEYS  # urgent: no source
+    assert records[0]["sources"][0]["url"] == "https://example.org/flu"
     assert records[1]["answer"].startswith(safety.EMERGENCY_LINE)
 
 
