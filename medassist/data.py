@@ -271,7 +271,7 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         check_train_on(train_on)  # now, before any model loads
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
-        self.train_on, self.index, self.leave_out = train_on, index, leave_out
+        self.train_on, self.leave_out = train_on, leave_out
         if not 0 <= leave_out <= 1:
             raise UserError(f"leave_out is a share of the training pairs, 0..1; got {leave_out}")
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
@@ -294,8 +294,7 @@ class InstructionDataModule(L.LightningDataModule):
         from medassist.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.base_model)
-        if self.retriever is not None:
-            index = self.retriever
+        if (index := self.retriever) is not None:
             self.train_records = with_context(self.train_records, index, self.train_file, self.leave_out, self.seed)
             self.val_records = with_context(self.val_records, index, self.val_file)
             if self.test_records is not None:

@@ -74,12 +74,6 @@ def perplexity(lm, tokenizer, records: list[dict], max_seq_length: int, batch_si
     return out
 
 
-def generated_part(answer: str) -> str:
-    """An answer without the paragraphs the code adds after the model's text (closing and source lines): what
-    ROUGE-L and groundedness score, with and without retrieval alike."""
-    return safety.unrender(answer)
-
-
 def content_words(text: str) -> set[str]:
     """Words of 4+ letters, lower-cased: what a supported sentence must share with its passage."""
     return {w for w in re.findall(r"[a-z]{4,}", text.lower())} - {"that", "this", "with", "from", "have", "your",
@@ -87,10 +81,10 @@ def content_words(text: str) -> set[str]:
 
 
 def groundedness(answer: str, passages: list[str]) -> float | None:
-    """The share of the answer's sentences with at least half of their content words in the passages (None: no
-    sentence with content words). A token-overlap measure: it sees copying, not paraphrase or truth."""
+    """The share of the answer's sentences (the model's text, `safety.unrender`) with at least half of their content
+    words in the passages (None: no sentence with content words). A token-overlap measure: it sees copying, not paraphrase or truth."""
     known = content_words(" ".join(passages))
-    sentences = [content_words(s) for s in re.split(r"(?<=[.!?])\s+", generated_part(answer))]
+    sentences = [content_words(s) for s in re.split(r"(?<=[.!?])\s+", safety.unrender(answer))]
     sentences = [s for s in sentences if s]
     return sum(len(s & known) >= len(s) / 2 for s in sentences) / len(sentences) if sentences else None
 
@@ -117,7 +111,8 @@ def generation_metrics(model, tokenizer, records: list[dict], sampling: Sampling
             if "error" in out:
                 answers.append({**entry, "error": out["error"]})
                 continue
-            text = generated_part(out["answer"])  # the code's closing and source lines are not the model's answer
+            # the model's text only, with and without retrieval alike: the code's closing and source lines taken off
+            text = safety.unrender(out["answer"])
             score = rouge(text, ref[-1]["content"])["rougeL_fmeasure"]  # forward: this pair, and accumulates
             flags.update(out["flags"])
             answers.append({**entry, "answer": out["answer"], "flags": out["flags"], "rougeL": round(float(score), 4),

@@ -3,11 +3,13 @@
 Input: JSONL question/answer pairs as fit reads them ({"instruction", "output"}, optional "source", "url", "focus";
 MedQuAD's importer writes exactly these; conversation lines are skipped). Each answer is split into passages of at
 most --passage-words words (whole sentences packed in order; a longer sentence is cut between words), each headed
-by its question; BM25 (bm25s) indexes title, topic and text. Written all or nothing; building twice from the same files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
+by its question; BM25 (bm25s) indexes title, topic and text. Written all or nothing; building twice from the same
+files gives the same bytes. Searching is medassist/retrieval.py (the answer side).
 """
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from medassist import UserError
@@ -20,15 +22,15 @@ PASSAGE_WORDS = 160  # ~220 gemma tokens: one passage and a question fit a 384-t
 def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
     """`text` in pieces of at most `words` words: its sentences (and lines) packed in order, a sentence longer than
     `words` cut between words."""
-    units = [u for line in text.splitlines() for u in re.split(r"(?<=[.!?])\s+", line.strip()) if u]
-    pieces, current = [], []
+    units = [u.split() for line in text.splitlines() for u in re.split(r"(?<=[.!?])\s+", line.strip()) if u]
+    pieces, current = [], []  # current: the words of the piece being filled
     for unit in units:
-        for start in range(0, len(unit.split()), words):  # a single over-long sentence is cut between words
-            chunk = " ".join(unit.split()[start : start + words])
-            if current and len(" ".join(current).split()) + len(chunk.split()) > words:
+        for start in range(0, len(unit), words):  # a single over-long sentence is cut between words
+            chunk = unit[start : start + words]
+            if current and len(current) + len(chunk) > words:
                 pieces.append(" ".join(current))
                 current = []
-            current.append(chunk)
+            current += chunk
     return pieces + ([" ".join(current)] if current else [])
 
 
@@ -75,6 +77,16 @@ def calibrated(bm25, passages: list[dict], path: str) -> tuple[float, dict]:
     return threshold, {"calibrated_on": str(path), "questions": len(records), "top1_right": len(right), "keeps": KEEP}
 
 
+def _sorted_vocab(docs: list[list[str]]):
+    """The tokenized corpus with its vocabulary in sorted order. Given plain token lists, bm25s numbers the words in
+    the order of a Python set, which changes with the hash seed of each process, so two builds of the same files
+    wrote different bytes (the same search results, other files)."""
+    from bm25s.tokenization import Tokenized
+
+    vocab = {word: i for i, word in enumerate(sorted({w for doc in docs for w in doc}))}
+    return Tokenized(ids=[[vocab[w] for w in doc] for doc in docs], vocab=vocab)
+
+
 def build(files: list[str], out: str | Path, words: int = PASSAGE_WORDS, threshold: float = 0.0,
           overwrite: bool = False, calibrate: str | None = None) -> dict:
     """Write the index of `files` to `out`; returns its medassist-index.json content. `calibrate`: a file of
@@ -86,13 +98,12 @@ def build(files: list[str], out: str | Path, words: int = PASSAGE_WORDS, thresho
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it, or another --out")
     passages, skipped = passages_of(files, words)
     bm25 = bm25s.BM25()
-    bm25.index(tokenize([f"{p['title']} {p['focus']} {p['text']}" for p in passages]), show_progress=False)
+    bm25.index(_sorted_vocab(tokenize([f"{p['title']} {p['focus']} {p['text']}" for p in passages])),
+               show_progress=False)
     calibration = {}
     if calibrate:
         threshold, calibration = calibrated(bm25, passages, calibrate)
-    per_doc: dict[str, int] = {}
-    for p in passages:
-        per_doc[p["doc"]] = per_doc.get(p["doc"], 0) + 1
+    per_doc = Counter(p["doc"] for p in passages)
     meta = {"format": FORMAT, "files": [str(f) for f in files], "passages": len(passages), "documents": len(per_doc),
             "max_passages_per_doc": max(per_doc.values()), "passage_words": words, "language": LANGUAGE,
             "threshold": threshold, **({"calibration": calibration} if calibration else {}),

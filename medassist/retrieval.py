@@ -5,6 +5,7 @@ it back in well under a second, and `Index.search(questions)` returns, per quest
 BM25 scores. The answer path (generate.py, the server) puts the passages above the threshold into the prompt through
 `prompts.context_text` and names them in the record as `sources`. No torch, no Lightning.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,17 @@ FORMAT = 1
 LANGUAGE = "english"
 
 
-def tokenize(texts: list[str]) -> list[list[str]]:
-    import bm25s
+@functools.cache
+def _stemmer():
     import Stemmer
 
-    return bm25s.tokenize(texts, stopwords=LANGUAGE, stemmer=Stemmer.Stemmer(LANGUAGE), return_ids=False,
-                          show_progress=False)
+    return Stemmer.Stemmer(LANGUAGE)  # built once: every search (every server request) tokenizes its question
+
+
+def tokenize(texts: list[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(texts, stopwords=LANGUAGE, stemmer=_stemmer(), return_ids=False, show_progress=False)
 
 
 def doc_of(record: dict, path: str | Path) -> str:

@@ -1,8 +1,7 @@
 """The final answer: escalation first, then vetted guidance (emergency or crisis) or the guarded generated text,
 then the closing lines; the disclaimer is added by code, never by the model."""
 from medassist.safety.guard import StreamGuard, guard_answer
-from medassist.safety.lines import (CLOSING_LINES, DECIDE_LINE, DIAGNOSIS_LINE, DISCLAIMER, GUARD_FLAGS, NO_SOURCE_LINE,
-                                    SCREEN_FLAGS, SOURCE_LINE)
+from medassist.safety.lines import CLOSING_LINES, DISCLAIMER, GUARD_FLAGS, NO_SOURCE_LINE, SCREEN_FLAGS, SOURCE_LINE
 from medassist.safety.screen import Screening
 
 
@@ -67,7 +66,7 @@ def unrender(text: str) -> str:
     the code added after the model's text (closing lines, source lines, the disclaimer). The model never wrote them
     and was not trained on them; a model that learnt to imitate a source line could cite what it never read. The
     escalation stays: it is what was said to the person."""
-    added = {DISCLAIMER, DECIDE_LINE, DIAGNOSIS_LINE, NO_SOURCE_LINE}
+    added = {DISCLAIMER, NO_SOURCE_LINE, *(line for _, line in CLOSING_LINES)}
     head = SOURCE_LINE.split("{", 1)[0]
     kept = [p for p in text.strip().split("\n\n")
             if p.strip() not in added and not all(line.startswith(head) for line in p.strip().splitlines())]
