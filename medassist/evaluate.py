@@ -82,7 +82,8 @@ def content_words(text: str) -> set[str]:
 
 def groundedness(answer: str, passages: list[str]) -> float | None:
     """The share of the answer's sentences (the model's text, `safety.unrender`) with at least half of their content
-    words in the passages (None: no sentence with content words). A token-overlap measure: it sees copying, not paraphrase or truth."""
+    words in the passages (None: no sentence with content words). A token-overlap measure: it sees copying, not
+    paraphrase or truth."""
     known = content_words(" ".join(passages))
     sentences = [content_words(s) for s in re.split(r"(?<=[.!?])\s+", safety.unrender(answer))]
     sentences = [s for s in sentences if s]

@@ -168,7 +168,8 @@ def test_the_server_returns_sources(index_dir, adapter):
             {"role": "user", "content": "How does the flu spread?"}]}).json()
     assert [s["url"] for s in reply["medassist"]["sources"]] == ["https://example.org/flu"]
     assert reply["choices"][0]["message"]["content"].endswith(safety.DISCLAIMER)
-    assert "Source: How does the flu spread? (CDC, https://example.org/flu)" in reply["choices"][0]["message"]["content"]
+    content = reply["choices"][0]["message"]["content"]
+    assert "Source: How does the flu spread? (CDC, https://example.org/flu)" in content
 
 
 def test_calibration_sets_the_threshold_from_questions_that_find_their_own_document(tmp_path):
