@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medassist.budget import configured_steps, schedule_of
 from medassist.files import write_file_atomic
 from medassist.generate import answer_batch
 from medassist.sampling import Sampling
@@ -138,7 +139,7 @@ class ProgressLines(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.enabled = self.always or not sys.stderr.isatty()
         self.started, self.first_step = time.monotonic(), trainer.global_step  # a resumed run counts from here
-        self.total = _planned_steps(trainer)  # read once the fit loop has its loader (see model._optimizer_steps)
+        self.total = configured_steps(trainer)
         self.tokens = 0  # input tokens trained on since the start (padding excluded)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -150,7 +151,8 @@ class ProgressLines(L.Callback):
         rank_zero_info(self.line(trainer, step, time.monotonic() - self.started))
 
     def line(self, trainer, step: int, elapsed: float) -> str:
-        total = self.total
+        schedule = schedule_of(trainer)
+        total = schedule.total if schedule is not None and schedule.planned else self.total  # budget.TimeBudget's plan
         left = elapsed / (step - self.first_step) * max(total - step, 0)
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time lives there
         if timer is not None and timer.time_remaining("train") is not None:  # the budget ends the run, whatever
@@ -160,12 +162,6 @@ class ProgressLines(L.Callback):
                 + (f": loss {float(loss):.3f}" if loss is not None else ":")
                 + f", {self.tokens / max(elapsed, 1e-9):.0f} tokens/s, elapsed {timedelta(seconds=round(elapsed))}"
                 + f", ETA {timedelta(seconds=round(left))}")
-
-
-def _planned_steps(trainer) -> int:
-    """The optimizer steps the run plans (max_steps, or the epochs' worth)."""
-    planned = trainer.estimated_stepping_batches
-    return int(planned) if math.isfinite(planned) else trainer.max_steps
 
 
 class SampleAnswers(L.Callback):

@@ -46,6 +46,8 @@ class MedAssistCLI(LightningCLI):
     def _resolve_last(self, config):
         """`--ckpt_path last` resumes the newest version of the run that has a last.ckpt, in that same directory."""
         logger = config.trainer.get("logger")
+        if isinstance(logger, list):  # TensorBoard + a tracker (configs/mlflow.yaml): the first names the run directory
+            logger = logger[0] if logger else None
         args = getattr(logger, "init_args", None)
         if args is None:
             return  # no TensorBoard logger configured: let Lightning look for last.ckpt itself

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -199,10 +200,90 @@ def check_target_modules(target_modules: str | list[str]) -> None:
                         f"attention and MLP projections ('all-linear' or q_proj, v_proj, ...)")
 
 
-def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str]):
-    """The peft LoraConfig of every medassist adapter (training, the evaluator's zero adapter, the benchmark)."""
+LoraInit = bool | str  # peft's init_lora_weights: True (B = 0), "gaussian", "pissa", "pissa_niter_<n>"
+
+
+def is_pissa(init: LoraInit) -> bool:
+    """peft's PiSSA inits ('pissa', 'pissa_niter_<n>'): the adapter starts as the top singular directions of each
+    base weight, and the base keeps only the residual W - BA."""
+    return isinstance(init, str) and (init == "pissa" or init.removeprefix("pissa_niter_").isdigit())
+
+
+def check_lora_init(init: LoraInit, quantization: Quantization = "none", use_dora: bool = False) -> None:
+    """Refuse, before any model loads, the LoRA initialisations that cannot work here. peft accepts more: eva, corda
+    and lora_ga need a pass over the training data first, olora and orthogonal are not wired up, loftq is refused."""
+    if init is True or init is False or init == "gaussian":
+        return
+    if init == "loftq":
+        raise UserError("init_lora_weights 'loftq' does not fit medassist: LoftQ replaces the base weights with its own "
+                        "quantized copy, but every medassist adapter is applied to the base rebuilt from base_model "
+                        "(training, resume, answering, merge), where it would be wrong. Use 'pissa' with quantization: "
+                        "none (it also starts from the principal components), or true / 'gaussian' on an int8/nf4 base")
+    if not is_pissa(init):
+        raise UserError(f"init_lora_weights must be true, false, 'gaussian', 'pissa' or 'pissa_niter_<n>' (n subspace "
+                        f"iterations of a fast SVD), got {init!r}")
+    if quantization != "none":
+        raise UserError(f"init_lora_weights {init!r} needs quantization: none: PiSSA takes the SVD of each base weight "
+                        f"and writes the residual back into it, which an {quantization} bitsandbytes weight cannot hold "
+                        f"(peft refuses). Use --model.quantization none, or keep {quantization} with "
+                        f"init_lora_weights: true or 'gaussian'")
+    if use_dora:
+        raise UserError(f"init_lora_weights {init!r} does not work with use_dora: a PiSSA adapter is saved as the plain "
+                        f"LoRA difference to the original base (peft's conversion), which has no place for DoRA's "
+                        f"magnitudes. Drop one of them")
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str], *, use_dora: bool = False,
+                use_rslora: bool = False, init_lora_weights: LoraInit = True):
+    """The peft LoraConfig of every medassist adapter (training, the evaluator's zero adapter, the benchmark).
+
+    use_dora: DoRA (a trained magnitude per output row); use_rslora: scale alpha / sqrt(r) instead of alpha / r;
+    init_lora_weights: peft's initialisation (check_lora_init says which work on which base).
+    """
     from peft import LoraConfig
 
     check_target_modules(target_modules)
+    check_lora_init(init_lora_weights, use_dora=use_dora)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      use_dora=use_dora, use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                       task_type="CAUSAL_LM")
+
+
+def pissa_start(model, init: LoraInit) -> dict | None:
+    """A PiSSA adapter's initial weights (None for other inits): saving needs them to turn the trained adapter into
+    a plain LoRA on the original base. They are recomputed identically (an SVD of the same weights) on resume."""
+    if not is_pissa(init):
+        return None
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@contextmanager
+def pissa_as_lora(start: dict | None):
+    """save_pretrained's arguments for a PiSSA adapter: peft's conversion to the plain LoRA difference to the original
+    base (rank 2r: [B, -B0] x [A; A0]), since generation, merge and evaluation apply adapters to the unchanged base."""
+    if start is None:
+        yield {}
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:  # outside the adapter directory; peft adds its adapter_config.json
+        initial = Path(tmp) / "pissa_init"
+        initial.mkdir()
+        save_file({k: v.contiguous() for k, v in start.items()}, initial / "adapter_model.safetensors")
+        yield {"path_initial_model_for_weight_conversion": str(initial)}
+
+
+def add_neftune(model, alpha: float | None) -> None:
+    """NEFTune (Jain et al. 2023): uniform noise in [-m, m], m = alpha / sqrt(L x d), on the input embeddings while
+    the embedding module is in train mode (so never in validation or generation). transformers' own hook, as its
+    Trainer and TRL use it; in 5.x it lives in integrations.neftune (no longer trainer_utils). L is the padded length
+    of the batch, as there. For Gemma the noise lands after the sqrt(d) embedding scale (the scale is in the module)."""
+    if alpha is None:
+        return
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    embeddings = model.get_input_embeddings()
+    embeddings.neftune_noise_alpha = alpha
+    embeddings.register_forward_hook(neftune_post_forward_hook)

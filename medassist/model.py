@@ -18,12 +18,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from medassist import UserError
+from medassist.budget import CosineToFloor, TimeBudget
 from medassist.callbacks import AdapterCheckpoint, CheckpointOnSigterm, ProgressLines, describe
 from medassist.data import IGNORE_INDEX
 from medassist.files import ADAPTER_META, atomic_dir
 from medassist.generate import answer_batch
 from medassist.sampling import Sampling
-from medassist.loading import Precision, Quantization, check_target_modules, load_model, lora_config
+from medassist.loading import (LoraInit, Precision, Quantization, add_neftune, check_lora_init, check_target_modules,
+                               load_model, lora_config, pissa_as_lora, pissa_start)
 from medassist.loss import chunked_cross_entropy
 from medassist.prompts import TEMPLATE_NAME, check_template
 
@@ -43,6 +45,10 @@ class MedAssistLM(L.LightningModule):
         lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
         target_modules: 'all-linear' or a list of module names (q_proj, v_proj, ...). Never lm_head/embed_tokens:
             Gemma ties them, and a merged adapter would lose the trained head.
+        use_dora: DoRA: a trained magnitude per output row beside the LoRA direction (peft; a little slower).
+        use_rslora: rank-stabilised LoRA: scale lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r.
+        init_lora_weights: true (B = 0, peft's default), 'gaussian', or 'pissa' / 'pissa_niter_<n>' (quantization none).
+        neftune_noise_alpha: NEFTune: uniform noise of alpha / sqrt(length x hidden) on the embeddings, training only.
         learning_rate, weight_decay: AdamW settings for the adapter weights.
         warmup_steps: linear warm-up in optimizer steps, then cosine decay to min_lr_ratio x learning_rate.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
@@ -62,6 +68,10 @@ class MedAssistLM(L.LightningModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init_lora_weights: LoraInit = True,
+        neftune_noise_alpha: float | None = None,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
@@ -73,6 +83,10 @@ class MedAssistLM(L.LightningModule):
     ):
         super().__init__()
         check_target_modules(target_modules)
+        check_lora_init(init_lora_weights, quantization, use_dora)
+        if neftune_noise_alpha is not None and neftune_noise_alpha <= 0:
+            raise UserError(f"neftune_noise_alpha must be positive (the paper uses 5 to 15) or null, got "
+                            f"{neftune_noise_alpha}")
         if loss_chunk_mib <= 0:
             raise UserError(f"loss_chunk_mib must be positive, got {loss_chunk_mib}")
         if loss_chunk_size is not None:
@@ -82,6 +96,7 @@ class MedAssistLM(L.LightningModule):
         self.save_hyperparameters()
         self.sampling = Sampling(**sampling) if isinstance(sampling, dict) else sampling or Sampling()
         self.model = None  # built in configure_model, on each process's own device
+        self._pissa_start = None  # a PiSSA adapter's initial weights (configure_model)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from base_model
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
         # The same answers split by turn: first answers (single questions, a conversation's first turn) and follow-ups.
@@ -102,7 +117,11 @@ class MedAssistLM(L.LightningModule):
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        self.model = get_peft_model(base, lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules))
+        self.model = get_peft_model(base, lora_config(
+            hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules, use_dora=hp.use_dora,
+            use_rslora=hp.use_rslora, init_lora_weights=hp.init_lora_weights))
+        self._pissa_start = pissa_start(self.model, hp.init_lora_weights)  # to save the plain LoRA difference
+        add_neftune(base, hp.neftune_noise_alpha)
         self.model.train()  # from_pretrained returns eval mode, and Lightning >= 2.2 keeps each module's mode
 
     def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,13 +279,11 @@ class MedAssistLM(L.LightningModule):
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=self.hparams.warmup_steps,
-            num_training_steps=max(1, self._optimizer_steps()), min_lr_rate=self.hparams.min_lr_ratio)
+        # The cosine's length is the epochs' (or max_steps') until budget.TimeBudget plans it from trainer.max_time.
+        schedule = CosineToFloor(self.hparams.warmup_steps, self._optimizer_steps(), self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _optimizer_steps(self) -> int:
@@ -281,7 +298,7 @@ class MedAssistLM(L.LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def configure_callbacks(self):
-        return [AdapterCheckpoint(), CheckpointOnSigterm(), ProgressLines()]
+        return [AdapterCheckpoint(), CheckpointOnSigterm(), TimeBudget(), ProgressLines()]
 
     def on_save_checkpoint(self, checkpoint):
         # Only the adapter: with the frozen base a gemma-3-270m int8 checkpoint is 740 MB, and the base is rebuilt
@@ -336,7 +353,7 @@ class MedAssistLM(L.LightningModule):
         hp = self.hparams
         meta = {"template": TEMPLATE_NAME, "base_model": hp.base_model, "quantization": hp.quantization,
                 "precision": hp.precision, "step": self.global_step, **extra}
-        with atomic_dir(directory) as tmp:
-            self.model.save_pretrained(tmp, state_dict=state_dict)
+        with atomic_dir(directory) as tmp, pissa_as_lora(self._pissa_start) as conversion:
+            self.model.save_pretrained(tmp, state_dict=state_dict, **conversion)
             (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
         return Path(directory)

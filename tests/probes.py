@@ -102,3 +102,20 @@ class PoisonAt(L.Callback):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+class Clock(L.Callback):
+    """Makes every training batch take `train_s` and every validation batch `val_s` seconds more on time.monotonic,
+    the clock of Lightning's Timer and of budget.TimeBudget: a time budget can be tested without waiting for it."""
+
+    def __init__(self, train_s: float, val_s: float):
+        import time
+
+        self.train_s, self.val_s, self.offset, real = train_s, val_s, 0.0, time.monotonic
+        time.monotonic = lambda: real() + self.offset
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.offset += self.train_s  # before TimeBudget's hook: callbacks from the config run before the model's
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.offset += self.val_s

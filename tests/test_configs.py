@@ -21,11 +21,14 @@ def resolved(capsys, *configs) -> dict:
 
 def layered(base, layer):
     """`base` with `layer` on top, as jsonargparse layers configs: mappings merge (a class_path's init_args too,
-    when the class stays), anything else is replaced."""
+    when the class stays), `key+:` appends to the list (or the one value) below, anything else is replaced."""
     if not (isinstance(base, dict) and isinstance(layer, dict)) or base.get("class_path", layer.get("class_path")) \
             != layer.get("class_path", base.get("class_path")):
         return layer
-    return {**base, **{k: layered(base[k], v) if k in base else v for k, v in layer.items()}}
+    appended = {k[:-1]: (base[k[:-1]] if isinstance(base[k[:-1]], list) else [base[k[:-1]]]) + v
+                for k, v in layer.items() if k.endswith("+")}
+    return {**base, **{k: layered(base[k], v) if k in base else v for k, v in layer.items() if not k.endswith("+")},
+            **appended}
 
 
 def contains(printed, expected, where="") -> None:
@@ -59,8 +62,10 @@ def test_config_resolves_to_what_it_says(config, capsys, monkeypatch):
     # Said once: data.base_model is linked to the model's (LightningCLI leaves linked targets out of the printout).
     assert "base_model" not in printed["data"]
     assert printed["model"]["base_model"] == ("google/gemma-2b" if config.name == "gemma-2b.yaml" else "embedded")
-    assert printed["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
-    assert printed["trainer"]["logger"]["init_args"]["name"] == {"lora.yaml": "lora", "medquad.yaml": "medquad",
+    logger = printed["trainer"]["logger"]
+    logger = logger[0] if isinstance(logger, list) else logger  # mlflow.yaml, wandb.yaml: TensorBoard + a tracker
+    assert logger["class_path"].endswith("TensorBoardLogger")
+    assert logger["init_args"]["name"] == {"lora.yaml": "lora", "medquad.yaml": "medquad",
                                                                  "gemma-2b.yaml": "gemma-2b",
                                                                  "medquad-grounded.yaml": "medquad-grounded",
                                                                  }.get(config.name, "lora")
