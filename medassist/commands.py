@@ -4,6 +4,7 @@
     ask                               answer questions with an adapter (medassist/ask.py; scripts/predict.py)
     serve                             the OpenAI-compatible server and web chat (medassist/serve.py)
     merge                             fold an adapter into its base (medassist/merge.py)
+    export                            a merged adapter as GGUF + Ollama Modelfile (medassist/export.py)
     import | check                    data importers and the data checker (medassist/dataprep.py)
     evaluate                          perplexity, ROUGE-L and safety flags on reference answers (medassist/evaluate.py)
     index                             a retrieval index of a trusted collection (medassist/index.py)
@@ -80,6 +81,7 @@ COMMANDS = {
     "ask": lambda argv: import_module("medassist.ask").main(argv),
     "serve": lambda argv: import_module("medassist.serve").main(argv),
     "merge": lambda argv: import_module("medassist.merge").main(argv),
+    "export": lambda argv: import_module("medassist.export").main(argv),
     "import": lambda argv: import_module("medassist.dataprep").main(["import", *argv]),
     "check": lambda argv: import_module("medassist.dataprep").main(["check", *argv]),
     "evaluate": _evaluate,
