@@ -22,7 +22,7 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
-from medassist.prompts import check_template, encode_conversation, stop_ids
+from medassist.prompts import check_template, encode_conversation, format_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
 from medassist.retrieval import ground
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
@@ -39,7 +39,7 @@ class Outcome:
     finish_reason: str = "stop"
 
 
-class _StopAt:
+class StopAt:
     """Ends the text at the first of `stops` (OpenAI's `stop`: the stop string itself is not shown). Text that may be
     the start of a stop string is held back until the next piece says whether it is."""
 
@@ -79,6 +79,12 @@ def prompt_ids(tokenizer, question: str | list[dict], context_length: int, max_n
 
     Too long for the model's context with max_new_tokens: the oldest exchanges are left out first (a system message
     and the last question always stay); a clear error when the last question alone cannot fit."""
+    return fitted(tokenizer, question, context_length, max_new_tokens)[1]
+
+
+def fitted(tokenizer, question: str | list[dict], context_length: int, max_new_tokens: int) -> tuple[list, list]:
+    """(the conversation that fits, its prompt ids): `prompt_ids`, with the turns it kept (an engine behind HTTP is
+    sent their text)."""
     messages = as_messages(question)
     system = [m for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
@@ -86,7 +92,7 @@ def prompt_ids(tokenizer, question: str | list[dict], context_length: int, max_n
     for start in range(0, len(turns), 2):  # user, assistant, ..., user: whole exchanges off the front
         ids = encode_conversation(tokenizer, system + turns[start:])
         if len(ids) <= room:
-            return ids
+            return system + turns[start:], ids
     raise UserError(f"question is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
                     f"of {context_length} tokens leaves room for {room}. Shorten the question")
 
@@ -193,7 +199,7 @@ def fixed_answer(screening, question: str | list[dict], model_name: str = "",
     yield record
 
 
-class _Generation:
+class Generation:
     """One model.generate in a thread, streaming text; it ends at a stop id, at max_new_tokens, or after the current
     token once `stop` (the caller's: its client left) or `halt` (a stop string was seen) is set."""
 
@@ -234,6 +240,14 @@ class _Generation:
         return Outcome(len(self.new_ids), "length" if cut else "stop")
 
 
+def _start(model, tokenizer, messages: list[dict], ids: list[int], sampling: Sampling, stop: threading.Event):
+    """The generation of one answer: a local model's, or that of a model with its own `start` (an engine behind HTTP,
+    medassist.upstream.Upstream), which is sent the prompt as our template's text: the same streamer/halt/join."""
+    if hasattr(model, "start"):
+        return model.start(format_conversation(messages), sampling, stop)
+    return Generation(model, tokenizer, ids, sampling, stop)
+
+
 def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampling | None = None,
                   model_name: str = "", adapter: str | None = None,
                   stop: threading.Event | None = None, screening=None, stop_strings=(),
@@ -256,9 +270,9 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
     window, new = context_length(model), sampling.max_new_tokens
     prompt_ids(tokenizer, messages, window, new)  # the question itself must fit
     ((grounded, sources),) = fitting(ground(index, [messages]), [messages], tokenizer, window, new)
-    ids = prompt_ids(tokenizer, grounded, window, new)
+    kept, ids = fitted(tokenizer, grounded, window, new)
     stop = stop or threading.Event()
-    generation, cut = _Generation(model, tokenizer, ids, sampling, stop), _StopAt(stop_strings)
+    generation, cut = _start(model, tokenizer, kept, ids, sampling, stop), StopAt(stop_strings)
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
     guard, generated, first = safety.stream_guard(screening), [], True
     try:

@@ -11,6 +11,11 @@ client can skip the disclaimer or the emergency line. Decisions, also in the REA
 - one generation at a time, first come first served (two at once on 2 CPU cores are not faster); at most
   --max-queue requests wait or run, more get a 503; a client that disconnects, queued or mid-stream, stops its
   generation after the current token.
+- `--upstream URL`: the same requests, screen, template, guard and disclaimer, but a serving engine generates
+  (upstream.py: our prompt text to its /v1/completions, streamed back through the guard); up to --max-queue at
+  once, as the engine batches them; an engine down is a 502, silent past --upstream-timeout a 504 (a stream's
+  headers wait for its first sentence, so these are HTTP errors too); escalations never reach it.
+- `--raw`: the model served as such an engine, with NO safety layer (raw.py; for a gateway and tests).
 """
 
 import argparse
@@ -19,19 +24,18 @@ import hmac
 import json
 import logging
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from medassist import UserError, retrieval, safety
-from medassist.generate import (Outcome, context_length, fixed_answer, load_for_generation, prompt_ids,
-                                stream_answer)
+from medassist import UserError, raw, retrieval, safety, upstream
+from medassist.generate import context_length, fixed_answer, load_for_generation, prompt_ids
+from medassist.jobs import DONE, Job, Stream, Worker
 from medassist.openai_api import (ApiError, Limits, chunk, completion, conversation, fields, parse_chat, stop_strings,
                                   usage, user_turns)
 from medassist.sampling import Sampling
@@ -39,94 +43,6 @@ from medassist.sampling import Sampling
 log = logging.getLogger("medassist.serve")
 
 INDEX_HTML = Path(__file__).with_name("web") / "index.html"
-_DONE = object()
-
-
-# ---- the generation worker ----------------------------------------------------------------------------------------
-class Job:
-    """One request's generation: pieces travel from the worker thread to the request's event loop."""
-
-    def __init__(self, question: str | list[dict], sampling: Sampling, screening=None, stops=()):
-        self.question, self.sampling, self.screening, self.stops = question, sampling, screening, list(stops)
-        self.outcome = Outcome()  # tokens generated and finish_reason, filled in before the record is put
-        self.stop = threading.Event()  # set when the client goes away: generation ends after the current token
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop closed (server shutting down): nobody is listening
-            pass
-
-    async def items(self, request):
-        """The pieces and the final record as they come; stops the generation when the client disconnects."""
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:  # also on cancellation, when Starlette notices the disconnect first
-            self.stop.set()
-
-
-class Worker:
-    """Generates one answer at a time, first come first served; at most `max_queue` requests wait or run."""
-
-    def __init__(self, model, tokenizer, model_name: str, adapter: str | None, max_queue: int, index=None):
-        self.model, self.tokenizer, self.model_name, self.adapter = model, tokenizer, model_name, adapter
-        self.index = index  # a retrieval.Index: answers from its passages, with their sources
-        self.max_queue, self.busy, self.stopped = max_queue, 0, 0  # stopped: ended early, their client left
-        self.lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-
-    def submit(self, job: Job) -> None:
-        with self.lock:
-            full = self.busy >= self.max_queue
-            self.busy += not full  # _run gives the slot back
-        if full:
-            raise ApiError(503, f"server busy: {self.max_queue} requests are already waiting; retry shortly",
-                           kind="server_busy")
-        self.executor.submit(self._run, job)
-
-    def _run(self, job: Job) -> None:  # in the worker thread
-        try:
-            if job.stop.is_set():  # the client left while queued
-                self.stopped += 1
-                return
-            for item in stream_answer(self.model, self.tokenizer, job.question, job.sampling, self.model_name,
-                                      self.adapter, job.stop, job.screening, job.stops, job.outcome, self.index):
-                job.put(item)
-            self.stopped += job.stop.is_set()  # before _DONE: a client that got everything has not set it yet
-        except Exception as e:  # a bug or an out-of-memory: this request fails, the server goes on
-            log.exception("generation failed")
-            job.put(e)
-        finally:
-            with self.lock:
-                self.busy -= 1
-            job.put(_DONE)
-
-
-class _Stream(StreamingResponse):
-    """A StreamingResponse that stops its job however it ends, even when cancelled before the first event."""
-
-    def __init__(self, job: Job, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.job = job
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.job.stop.set()
 
 
 # ---- one chat request ---------------------------------------------------------------------------------------------
@@ -152,14 +68,16 @@ class Chat:
             w = self.worker
             for item in fixed_answer(screening, messages, w.model_name, w.adapter):
                 job.put(item)
-            job.put(_DONE)
+            job.put(DONE)
         else:
             self.worker.submit(job)
+            if req.stream and isinstance(self.worker.model, upstream.Upstream):
+                await job.first(request)  # an engine down or slow is a 502/504, not an error inside a 200 stream
         head = dict(rid=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.served_name)
         if not req.stream:
             return await self.whole(job, request, head, n_prompt)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _Stream(job, self.events(job, request, head, n_prompt, include_usage),
+        return Stream(job, self.events(job, request, head, n_prompt, include_usage),
                        media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def prompt_tokens(self, question: str | list[dict], sampling: Sampling) -> int:
@@ -193,7 +111,8 @@ class Chat:
                 else:
                     yield chunk(rid, now, name, {"content": item})
         except Exception as e:  # headers are sent: report it in the stream (the openai client raises on it)
-            error = {"message": f"generation failed: {type(e).__name__}", "type": "server_error"}
+            said = e.message if isinstance(e, ApiError) else type(e).__name__
+            error = {"message": f"generation failed: {said}", "type": "server_error"}
             yield f"data: {json.dumps({'error': error})}\n\n"
             return
         if include_usage:
@@ -238,12 +157,17 @@ async def _error(request, e: Exception):
 def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *, api_key: str | None = None,
                limits: Limits | None = None, sampling: Sampling | None = None, served_name: str = "medassist",
                index=None):
-    """The FastAPI app around a loaded model (from generate.load_for_generation) and an optional retrieval index."""
+    """The FastAPI app around a loaded model (from generate.load_for_generation), or an engine that generates for it
+    (an upstream.Upstream: same screen, template, guard and disclaimer), and an optional retrieval index."""
     limits = limits or Limits()
-    worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue, index)
+    remote = isinstance(model, upstream.Upstream)
+    # an engine batches the requests it is sent at once; our threads only wait on its sockets (and run the guard)
+    worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue, index,
+                    threads=limits.max_queue if remote else 1)
     chat = Chat(worker, limits, sampling or Sampling(), served_name)
     created = int(time.time())
-    info = {"model": served_name, "base_model": model_name, "adapter": Path(adapter).name if adapter else None}
+    info = {"model": served_name, "base_model": model_name, "adapter": Path(adapter).name if adapter else None,
+            **({"upstream": model.url, "upstream_model": model.model} if remote else {})}
 
     # No /docs: Swagger UI loads its assets from a CDN, and this server works offline. On shutdown uvicorn cancels
     # open streams, which sets their jobs' stop events, so the worker thread ends promptly.
@@ -296,6 +220,19 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core: 1.6x faster than 1 on 2 quiet cores; on "
                         "a CPU busy with other work, 1 can be several times faster, README 'Serving and export')")
+    g = p.add_argument_group("in front of a serving engine (vLLM, SGLang, llama.cpp's server)")
+    g.add_argument("--upstream", metavar="URL", help="generate with the OpenAI-compatible engine at URL "
+                   "(e.g. http://localhost:8000/v1) through its /completions, sent our template's prompt; the screen, "
+                   "guard and disclaimer stay here, no model loads (only the tokenizer of --base-model/--adapter)")
+    g.add_argument("--upstream-model", metavar="NAME", help="the model name the engine serves (vLLM: the "
+                   "--lora-modules name); default: the engine's only model")
+    g.add_argument("--upstream-timeout", type=float, default=upstream.TIMEOUT, metavar="S",
+                   help="seconds to wait for the engine's first token, and between tokens; then a 504")
+    g.add_argument("--upstream-api-key", default=os.environ.get("MEDASSIST_UPSTREAM_API_KEY") or None,
+                   help="the engine's API key (default: $MEDASSIST_UPSTREAM_API_KEY)")
+    g.add_argument("--raw", action="store_true", help="serve the model as a RAW engine: /v1/completions, prompt "
+                   "text in, text out, NO safety layer (no screen, guard or disclaimer); for a gateway "
+                   "(--upstream) and tests, never for people")
     return p.parse_args(argv)
 
 
@@ -312,6 +249,21 @@ def check_args(args) -> list[str]:
                         f"got {args.max_new_tokens}")
     if args.api_key is not None and not args.api_key.strip():
         problems.append("--api-key is empty; give a key or leave it out")
+    return problems + upstream_problems(args)
+
+
+def upstream_problems(args) -> list[str]:
+    problems = []
+    if args.raw and (args.upstream or args.index):
+        problems.append("--raw serves the model itself, with no retrieval: leave out --upstream and --index")
+    if args.upstream:
+        u = urlsplit(args.upstream)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            problems.append(f"--upstream must be an http(s) URL like http://localhost:8000/v1, got {args.upstream!r}")
+    elif args.upstream_model:
+        problems.append("--upstream-model names the engine's model: give --upstream URL too")
+    if not args.upstream_timeout > 0:
+        problems.append(f"--upstream-timeout must be more than 0 seconds, got {args.upstream_timeout}")
     return problems
 
 
@@ -321,21 +273,34 @@ def main(argv=None) -> int:
     if problems := check_args(args):
         raise UserError("; ".join(problems))
     import torch
-    import uvicorn
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.raw:
+        return serve(raw.raw_app(args), args, "RAW engine (NO safety layer: no screen, guard or disclaimer; for a "
+                                                   "gateway or tests, never for people)")
     index = retrieval.load(args.index) if args.index else None
-    model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
-                                                 args.allow_template_mismatch)
+    if args.upstream:
+        model, tokenizer, name = upstream.connect(args)
+    else:
+        model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
+                                                     args.allow_template_mismatch)
     safety.screen_question("What is asthma?")  # loads the triage model now, not during the first request
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)
     app = create_app(model, tokenizer, name, args.adapter, api_key=args.api_key, limits=limits, sampling=sampling,
                      served_name=args.model_name, index=index)
+    what = f"{name}{f' + {args.adapter}' if args.adapter else ''}"
+    if args.upstream:
+        what = f"a gateway to {model.model} at {model.url} (it generates; screen, template, guard, disclaimer here)"
+    return serve(app, args, what)
+
+
+def serve(app, args, what: str) -> int:
+    import uvicorn
+
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
-    log.info("serving %s%s at http://%s:%d/ (API under /v1)", name, f" + {args.adapter}" if args.adapter else "",
-             args.host, args.port)
+    log.info("serving %s at http://%s:%d/ (API under /v1)", what, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
