@@ -103,14 +103,14 @@ def test_stop_strings_end_the_generated_text(assistant):
 
 
 def test_stop_string_split_across_pieces_is_held_back_then_cut():
-    from medassist.generate import _StopAt
+    from medassist.generate import StopAt
 
-    stop = _StopAt(["STOP"])
+    stop = StopAt(["STOP"])
     assert [stop.feed(p) for p in ("Hello S", "T", "ill ST", "OP here")] == ["Hello ", "", "STill ", ""]
     assert stop.hit and stop.feed("more") == "" and stop.close() == ""
-    held = _StopAt(["STOP"])
+    held = StopAt(["STOP"])
     assert held.feed("end ST") == "end " and held.close() == "ST"  # not a stop string after all: shown at the end
-    assert _StopAt().feed("anything") == "anything"
+    assert StopAt().feed("anything") == "anything"
 
 
 def test_adapter_trained_on_another_template_is_refused(adapter, tmp_path):
