@@ -28,7 +28,7 @@ class CosineToFloor:
     def __init__(self, warmup: int, total: int, floor: float):
         self.warmup, self.total, self.floor, self.planned = warmup, max(1, total), floor, False
         self.stop_at = None  # the planned last step, where the plan left steps out (else the run ends as configured)
-        self.full = None  # the configured steps the plan was made for
+        self.full = self.budget = None  # the configured steps and the budget (seconds) the plan was made for
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -46,17 +46,25 @@ def schedule_of(trainer) -> CosineToFloor | None:
     return None
 
 
-def configured_steps(trainer) -> int:
-    """The optimizer steps the run is configured for (max_steps, or the epochs' worth). Read once the fit loop has
-    its loader: asked earlier, Lightning sets up a loader whose position a resumed run never restores."""
+def configured_steps(trainer) -> int | None:
+    """The optimizer steps the run is configured for (max_steps, or the epochs' worth; None: no limit). Read once the
+    fit loop has its loader: asked earlier, Lightning sets up a loader whose position a resumed run never restores."""
     planned = trainer.estimated_stepping_batches
-    return int(planned) if math.isfinite(planned) else trainer.max_steps
+    if math.isfinite(planned):
+        return int(planned)
+    return trainer.max_steps if trainer.max_steps > 0 else None
+
+
+def timer_of(trainer) -> Timer | None:
+    """Lightning's Timer callback: where trainer.max_time lives."""
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
 
 
 def budget_of(trainer) -> float | None:
     """trainer.max_time in seconds (Lightning keeps it in its Timer callback), or None."""
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    return None if timer is None or timer._duration is None else float(timer._duration)
+    timer = timer_of(trainer)
+    left = None if timer is None else timer.time_remaining("train")
+    return None if left is None else left + timer.time_elapsed("train")
 
 
 def validations(done: int, total: int, every: int) -> int:
@@ -107,15 +115,21 @@ class TimeBudget(L.Callback):
             return
         per_epoch, tokens = self._epoch_shape(trainer)
         budget, full = budget_of(trainer), configured_steps(trainer)
-        if schedule.planned and schedule.full == full:
+        budget = None if budget is None else round(budget)  # whole seconds: compared with the saved plan's
+        if schedule.planned and (schedule.full, schedule.budget) == (full, budget):
             rank_zero_info(f"time budget: resuming the saved plan of {schedule.total} optimizer steps")
+            if schedule.stop_at is not None and trainer.global_step >= schedule.stop_at:
+                trainer.should_stop = True  # that run already ended at its plan
             return
-        if schedule.planned:  # resumed with more (or fewer) epochs or steps: the old plan does not apply
-            rank_zero_info(f"time budget: the saved plan was made for {schedule.full} optimizer steps and this run "
-                           f"has {full}: planning again")
+        if schedule.planned:  # resumed with another length or budget: the old plan does not apply
+            again = "planning again" if budget else "no budget now: the cosine runs over all of them"
+            rank_zero_info(f"time budget: the saved plan was made for {schedule.full} optimizer steps and a budget "
+                           f"of {schedule.budget and round(schedule.budget)} s; this run has {full} and "
+                           f"{budget and round(budget)} s: {again}")
         # This run's length (a checkpoint's scheduler state carries the length of the run that wrote it).
-        schedule.total, schedule.planned, schedule.stop_at, schedule.full = max(1, full), False, None, None
-        if self.val_seconds and self.val_tokens and tokens:
+        schedule.total = math.inf if full is None else max(1, full)
+        schedule.planned, schedule.stop_at, schedule.full, schedule.budget = False, None, None, None
+        if self.val_seconds and self.val_tokens and tokens and full:
             step_s = self.TRAIN_OVER_VALIDATE * self.val_seconds / self.val_tokens * tokens / per_epoch
             expect = (schedule.total - trainer.global_step) * step_s + validations(
                 trainer.global_step, schedule.total, self._val_every(trainer, per_epoch)) * self.val_seconds
@@ -156,19 +170,22 @@ class TimeBudget(L.Callback):
         step_s = sum(measured) / len(measured)
         if tokens:
             step_s = sum(measured) / max(sum(self.step_tokens[1:]), 1) * tokens / per_epoch
-        timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
-        left = timer.time_remaining("train") * MARGIN
+        left = timer_of(trainer).time_remaining("train") * MARGIN
         val_s = self.val_seconds or 0.0
         done, full = trainer.global_step, schedule.total
+        bound = full if math.isfinite(full) else done + math.ceil(left / max(step_s, 1e-9))  # no step limit
         every = self._val_every(trainer, per_epoch)
-        total = int(trainer.strategy.broadcast(steps_that_fit(done, full, every, left, step_s, val_s)))
+        total = int(trainer.strategy.broadcast(steps_that_fit(done, bound, every, left, step_s, val_s)))
         schedule.total, schedule.planned, schedule.stop_at = total, True, total if total < full else None
-        schedule.full = full
+        schedule.full, schedule.budget = configured_steps(trainer), round(budget_of(trainer))
+        if total <= schedule.warmup:  # a plan shorter than the warm-up would end at its peak learning rate
+            schedule.warmup = max(done, total // 2)
         expect = (total - done) * step_s + validations(done, total, every) * val_s
-        what = "all" if total == full else f"{total} of the"
-        rank_zero_info(f"time budget: {step_s:.1f} s per optimizer step measured; planned {what} {full} steps, the "
-                       f"cosine reaching its floor at step {total}; training ends in about {_minutes(expect)}"
-                       + (f" ({full - total} steps left out to stay within trainer.max_time)" if total < full else ""))
+        what = f"all {full}" if total == full else f"{total} of the {full}" if math.isfinite(full) else f"{total} of unlimited"
+        rank_zero_info(f"time budget: {step_s:.1f} s per optimizer step measured; planned {what} steps, the cosine "
+                       f"reaching its floor at step {total}; training ends in about {_minutes(expect)}"
+                       + (f" ({full - total} steps left out to stay within trainer.max_time)"
+                          if math.isfinite(full) and total < full else ""))
 
     @staticmethod
     def _val_every(trainer, per_epoch: int) -> int:

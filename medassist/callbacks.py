@@ -10,12 +10,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from medassist.budget import configured_steps, schedule_of
+from medassist.budget import configured_steps, schedule_of, timer_of
 from medassist.files import write_file_atomic
 from medassist.generate import answer_batch
 from medassist.sampling import Sampling
@@ -153,15 +152,15 @@ class ProgressLines(L.Callback):
     def line(self, trainer, step: int, elapsed: float) -> str:
         schedule = schedule_of(trainer)
         total = schedule.total if schedule is not None and schedule.planned else self.total  # budget.TimeBudget's plan
-        left = elapsed / (step - self.first_step) * max(total - step, 0)
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time lives there
+        left = elapsed / (step - self.first_step) * max(total - step, 0) if total else math.inf
+        timer = timer_of(trainer)
         if timer is not None and timer.time_remaining("train") is not None:  # the budget ends the run, whatever
             left = min(left, max(timer.time_remaining("train"), 0.0))       # the steps say
         loss = trainer.callback_metrics.get("train/loss")
-        return (f"step {step}/{total} (epoch {trainer.current_epoch + 1})"
+        return (f"step {step}/{total or '?'} (epoch {trainer.current_epoch + 1})"
                 + (f": loss {float(loss):.3f}" if loss is not None else ":")
                 + f", {self.tokens / max(elapsed, 1e-9):.0f} tokens/s, elapsed {timedelta(seconds=round(elapsed))}"
-                + f", ETA {timedelta(seconds=round(left))}")
+                + (f", ETA {timedelta(seconds=round(left))}" if math.isfinite(left) else ""))
 
 
 class SampleAnswers(L.Callback):

@@ -1,7 +1,7 @@
 """The generation queue of `python -m medassist serve`: a Job carries one request's pieces from a generation thread
 to its event loop; the Worker runs jobs, at most `max_queue` waiting or running.
 
-Shared by the chat server (serve.py), the gateway in front of an engine and the raw engine (upstream.py).
+Shared by the chat server and the gateway in front of an engine (serve.py, upstream.py) and the raw engine (raw.py).
 """
 
 import asyncio

@@ -206,7 +206,7 @@ LoraInit = bool | str  # peft's init_lora_weights: True (B = 0), "gaussian", "pi
 def is_pissa(init: LoraInit) -> bool:
     """peft's PiSSA inits ('pissa', 'pissa_niter_<n>'): the adapter starts as the top singular directions of each
     base weight, and the base keeps only the residual W - BA."""
-    return isinstance(init, str) and (init == "pissa" or init.removeprefix("pissa_niter_").isdigit())
+    return isinstance(init, str) and (init == "pissa" or (init.startswith("pissa_niter_") and init[12:].isdigit()))
 
 
 def check_lora_init(init: LoraInit, quantization: Quantization = "none", use_dora: bool = False) -> None:

@@ -107,9 +107,10 @@ class Completion:
         """Shut the socket when our client leaves, also while the engine is silent (queued, or slow): the read
         in the worker thread ends at once, and the engine sees the disconnect and stops generating."""
         while not self.closed.wait(0.05):
-            if (self.stop.is_set() or self.halt.is_set()) and self.conn.sock:  # None until connected
+            sock = self.conn.sock  # None until connected, and again once the worker thread closed it
+            if (self.stop.is_set() or self.halt.is_set()) and sock is not None:
                 try:
-                    self.conn.sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 return

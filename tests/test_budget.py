@@ -102,3 +102,11 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     assert f"resuming the saved plan of {planned_total(killed.stdout + killed.stderr)} optimizer steps" in output
     again = dict(scalars(tmp_path / "resumed" / "runs" / "lora" / "version_0")["lr-AdamW"])
     assert max(again) == max(lrs) and again[max(again)] == pytest.approx(lrs[max(lrs)], rel=1e-6)
+
+    # resumed once more without a budget: the plan no longer applies, the run trains on to the configured 40 steps
+    unlimited = budget_fit(tiny_model_dir, data, tmp_path / "resumed", "--ckpt_path", "last",
+                           "--trainer.max_time", "null")
+    output = unlimited.stdout + unlimited.stderr
+    assert unlimited.returncode == 0, output[-3000:]
+    assert "no budget now: the cosine runs over all of them" in output
+    assert max(dict(scalars(tmp_path / "resumed" / "runs" / "lora" / "version_0")["lr-AdamW"])) == 39

@@ -2,7 +2,7 @@
 
   screen   --input questions.jsonl      one JSON line per question: flags, which layer fired, probabilities
   evaluate --data FILE.jsonl [--kind questions|guard|conversations] [--rules-only] [--json]
-  train    [--train DIR_OR_FILE ...] [--dev FILE] [--out DIR] [--seed N]    retrain the triage model
+  train    [--task triage|guard] [--train DIR_OR_FILE ...] [--dev FILE ...] [--out DIR] [--seed N]    retrain
   latency  --data FILE.jsonl [--repeats N]  median screening time of one question, once the model is loaded
 """
 import argparse

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from medassist.files import replace_dir
-from medassist.safety.labelled import read_labelled, read_many, score
+from medassist.safety.labelled import read_many, score
 from medassist.safety.guard import rule_sentence_flags
 from medassist.safety.lines import GUARD_FLAGS, SCREEN_FLAGS
 from medassist.safety.screen import rule_flags
