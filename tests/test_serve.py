@@ -42,9 +42,10 @@ def call(url: str, method: str, path: str, body=None, headers=None, timeout=120)
         conn.close()
 
 
-def start_server(log_path: Path, *args: str, timeout: float = 120):
-    """Start `python -m medassist serve ARGS` on a free port; return (process, base url) once /health answers."""
-    port = free_port()
+def start_server(log_path: Path, *args: str, timeout: float = 120, port: int | None = None):
+    """Start `python -m medassist serve ARGS` on `port` (default: a free one); return (process, base url) once
+    /health answers."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     # One torch thread: the tiny model needs no more, and the shared 2-core CPU stays usable for the clients.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

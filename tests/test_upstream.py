@@ -5,13 +5,9 @@ is sent, a dose sentence the guard removes, an engine down (502), slow (504) or 
 import asyncio
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -36,23 +32,6 @@ STUB_TEXT = ["Asthma is a condition ", "of the airways. ", DOSE, " See a doctor 
 
 
 # ---- a real raw engine and a real gateway, each a `python -m medassist serve` process ----------------------------
-def start_on(log_path, url: str, *args: str):
-    """test_serve.start_server, on the port of `url` (the gateway is told it before the engine is up)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "medassist", "serve", "--port", url.rsplit(":", 1)[1], *args],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if call(url, "GET", "/health", timeout=2)[0] == 200:
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    stop_server(proc)
-    raise AssertionError(f"{args[0]} server did not start:\n{Path(log_path).read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def processes(tiny_model_dir, tmp_path_factory):
     """(engine url, its log, gateway url), started side by side: the gateway names the engine's model, so it starts
@@ -63,7 +42,7 @@ def processes(tiny_model_dir, tmp_path_factory):
     gateway = ["--upstream", f"{engine}/v1", "--upstream-model", "medassist", "--base-model", str(tiny_model_dir),
                "--max-tokens-limit", "900"]
     started = {}
-    threads = [threading.Thread(target=lambda: started.update(raw=start_on(logs / "raw.log", engine, *raw))),
+    threads = [threading.Thread(target=lambda: started.update(raw=start_server(logs / "raw.log", *raw, port=int(engine.rsplit(":", 1)[1])))),
                threading.Thread(target=lambda: started.update(gateway=start_server(logs / "gateway.log", *gateway)))]
     for t in threads:
         t.start()
