@@ -65,15 +65,13 @@ def export(adapter: str, out: str, quant: str = "q8_0", base_model: str | None =
            allow_template_mismatch: bool = False, fmt: str = "gguf") -> Path:
     """Merge `adapter` (medassist.merge, fp32) and write `out` (.gguf), `Modelfile` and `README.md` beside it. Each
     file is renamed into place when complete; a failure leaves the old ones."""
-    from transformers import AutoConfig
-
-    from medassist.loading import resolve_source
+    from medassist.loading import load_config
     from medassist.merge import merge
 
     if problems := check(adapter, out, quant, fmt, force):
         raise UserError("; ".join(problems))
     base = base_model or read_adapter_meta(adapter).get("base_model") or "embedded"  # as merge picks it
-    check_llama_cpp(AutoConfig.from_pretrained(resolve_source(base)))  # before the merge, not after
+    check_llama_cpp(load_config(base))  # before the merge, not after
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -287,7 +285,7 @@ def modelfile(gguf_name: str) -> str:
 
 
 def model_card(out: Path, info: dict, quant: str) -> str:
-    from medassist.merge import _training_data
+    from medassist.merge import training_data
 
     gguf_name, adapter = out.name, Path(info["adapter"])
     example = format_prompt("What is asthma?").replace("\n", "\\n")  # for llama-cli -e, which reads the escapes
@@ -303,7 +301,7 @@ adapter merged into the weights and written as `{gguf_name}` by `python -m medas
 
 - **Base model:** `{info["base_model"]}`
 - **Adapter:** `{adapter}` (step {meta.get("step", "?")})
-- **Training data:** {_training_data(adapter)}
+- **Training data:** {training_data(adapter)}
 - **Prompt template:** `{TEMPLATE_NAME}`; the `Modelfile` beside this card renders it for Ollama and stops at
   {" or ".join(f"`{t}`" for t in STOP_TOKENS)}. Message text is used as sent (medassist strips surrounding
   whitespace first).

@@ -145,6 +145,16 @@ def _hub_error(source: str, e: Exception) -> UserError:
     )
 
 
+def load_config(source: str):
+    """The model's transformers config, without its weights (the one-line hub error when it cannot be found)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_source(source))
+    except OSError as e:
+        raise _hub_error(source, e) from e
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 

@@ -87,7 +87,7 @@ def merge(adapter: str, out: str, dtype: str = "bf16", base_model: str | None = 
     return target
 
 
-def _training_data(adapter: Path) -> str:
+def training_data(adapter: Path) -> str:
     """The train/val files named in the run's config.yaml (LightningCLI writes it beside lora_adapter/)."""
     import yaml
 
@@ -122,7 +122,7 @@ adapter folded into the weights by `python -m medassist merge` (medassist {__ver
 - **Base model:** `{base}`
 - **Adapter:** `{adapter}` (step {meta.get("step", "?")}, r={lora.get("r")}, alpha={lora.get("lora_alpha")};
   trained on {trained_on} base, merged into the unquantized base)
-- **Training data:** {_training_data(adapter)}
+- **Training data:** {training_data(adapter)}
 - **Prompt template:** `{TEMPLATE_NAME}` (also in `medassist.json`): Gemma's turns, exactly
   `{prompt}` after the `<bos>` token for one question, and `{follow_up}` for a follow-up (a system message is put
   before the first user turn's text, after a blank line).

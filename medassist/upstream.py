@@ -220,11 +220,9 @@ def _engine_model(upstream: Upstream, name: str | None) -> tuple[str, int | None
 
 def _config_context(source: str) -> int:
     """The context length in the base model's config (no weights load)."""
-    from transformers import AutoConfig
+    from medassist.loading import load_config
 
-    from medassist.loading import resolve_source
-
-    config = AutoConfig.from_pretrained(resolve_source(source))
+    config = load_config(source)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(getattr(text, "max_position_embeddings", 8192))
 
