@@ -281,20 +281,12 @@ class MedAssistLM(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        # The cosine's length is the epochs' (or max_steps') until budget.TimeBudget plans it from trainer.max_time.
-        schedule = CosineToFloor(self.hparams.warmup_steps, self._optimizer_steps(), self.hparams.min_lr_ratio)
+        # Its length is set at the start of training (budget.TimeBudget.on_train_start: the configured steps, planned
+        # down to trainer.max_time's): the first factor does not depend on it, and counting steps here would make
+        # Lightning set up the train loader too early, so a resumed run would restart its epoch (Lightning #20550).
+        schedule = CosineToFloor(self.hparams.warmup_steps, math.inf, self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _optimizer_steps(self) -> int:
-        """trainer.estimated_stepping_batches, without letting it set up the fit loop's train loader: set up this early,
-        a resumed run never restores the loader's position and silently restarts the epoch (Lightning #20550)."""
-        trainer = self.trainer
-        if trainer.datamodule is None or trainer.max_epochs == -1 or trainer.limit_train_batches != 1.0:
-            return trainer.estimated_stepping_batches
-        loader = trainer.datamodule.train_dataloader()  # a throwaway loader, only counted
-        steps = math.ceil(len(loader) / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def configure_callbacks(self):
