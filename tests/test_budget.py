@@ -93,15 +93,19 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     assert "measured at step" not in output  # (what a run stopped between validations says)
     assert "Time limit reached" not in output  # the plan ended it, not Lightning's timer
 
-    # killed after the plan, resumed from step 9: the saved plan is kept, and the run ends at the same step
+    # killed after the plan, resumed from step 9: the killed run's saved plan is kept (its own, measured on its own
+    # first steps: real time may move it a step from the run above), and the resumed run ends there on that cosine
     killed = budget_fit(tiny_model_dir, data, tmp_path / "resumed", *probe("SignalAt", step=10))
     assert killed.returncode == -signal.SIGKILL
+    saved = planned_total(killed.stdout + killed.stderr)
     resumed = budget_fit(tiny_model_dir, data, tmp_path / "resumed", "--ckpt_path", "last")
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
-    assert f"resuming the saved plan of {planned_total(killed.stdout + killed.stderr)} optimizer steps" in output
+    assert f"resuming the saved plan of {saved} optimizer steps" in output
     again = dict(scalars(tmp_path / "resumed" / "runs" / "lora" / "version_0")["lr-AdamW"])
-    assert max(again) == max(lrs) and again[max(again)] == pytest.approx(lrs[max(lrs)], rel=1e-6)
+    assert max(again) == saved - 1
+    for step in (5, 9, saved - 1):  # before the kill, after the resume, the last step: all on the saved plan's cosine
+        assert again[step] == pytest.approx(LR * CosineToFloor(WARMUP, saved, FLOOR)(step), rel=1e-6)
 
     # resumed once more without a budget: the plan no longer applies, the run trains on to the configured 40 steps
     unlimited = budget_fit(tiny_model_dir, data, tmp_path / "resumed", "--ckpt_path", "last",
