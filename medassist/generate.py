@@ -22,7 +22,7 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
-from medassist.prompts import check_template, encode_conversation, format_conversation, stop_ids
+from medassist.prompts import check_template, encode_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
 from medassist.retrieval import ground
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
@@ -63,7 +63,7 @@ class StopAt:
         return held
 
 
-def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
+def generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, repetition_penalty=sampling.repetition_penalty,
                   eos_token_id=stop_ids(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
@@ -130,7 +130,7 @@ def generate_texts(model, tokenizer, questions: list[str | list[dict]], sampling
         mask[i, width - len(row):] = 1
     torch.manual_seed(sampling.seed)
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         **_generate_kwargs(tokenizer, sampling))
+                         **generate_kwargs(tokenizer, sampling))
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
@@ -217,7 +217,7 @@ class Generation:
         inputs = torch.tensor([ids], device=model.device)
         self.kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=self.streamer,
                            stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
-                           **_generate_kwargs(tokenizer, sampling))
+                           **generate_kwargs(tokenizer, sampling))
         self.model, self.n_prompt, self.stops = model, len(ids), set(stop_ids(tokenizer))
         self.max_new_tokens, self.new_ids, self.failure = sampling.max_new_tokens, [], []
         torch.manual_seed(sampling.seed)
@@ -242,9 +242,10 @@ class Generation:
 
 def _start(model, tokenizer, messages: list[dict], ids: list[int], sampling: Sampling, stop: threading.Event):
     """The generation of one answer: a local model's, or that of a model with its own `start` (an engine behind HTTP,
-    medassist.upstream.Upstream), which is sent the prompt as our template's text: the same streamer/halt/join."""
+    medassist.upstream.Upstream, sent our template's text; the server's batching.Batcher, sent the ids): the same
+    streamer/halt/join."""
     if hasattr(model, "start"):
-        return model.start(format_conversation(messages), sampling, stop)
+        return model.start(messages, ids, sampling, stop)
     return Generation(model, tokenizer, ids, sampling, stop)
 
 

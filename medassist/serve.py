@@ -8,9 +8,10 @@ client can skip the disclaimer or the emergency line. Decisions, also in the REA
   out of the safety layer (openai_api.conversation);
 - the safety screen reads the latest user turns together (safety.screen_conversation), before the queue;
 - unknown request fields are ignored, wrong-typed or out-of-range known ones refused (openai_api.py);
-- one generation at a time, first come first served (two at once on 2 CPU cores are not faster); at most
-  --max-queue requests wait or run, more get a 503; a client that disconnects, queued or mid-stream, stops its
-  generation after the current token.
+- the answers being generated share each model step (batching.Batcher: up to --max-batch rows, one token for all
+  per step; a request joins between two steps, after its prompt is computed alone); at most --max-queue requests
+  wait or run, more get a 503; a client that disconnects, queued or mid-stream, stops its generation after the
+  current token. `--max-batch 1`: one answer at a time, first come first served, through model.generate.
 - `--upstream URL`: the same requests, screen, template, guard and disclaimer, but a serving engine generates
   (upstream.py: our prompt text to its /v1/completions, streamed back through the guard); up to --max-queue at
   once, as the engine batches them; an engine down is a 502, silent past --upstream-timeout a 504 (a stream's
@@ -34,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from medassist import UserError, raw, retrieval, safety, upstream
+from medassist.batching import MAX_BATCH, Batcher
 from medassist.generate import context_length, fixed_answer, load_for_generation, prompt_ids
 from medassist.jobs import DONE, Job, Stream, Worker
 from medassist.openai_api import (ApiError, Limits, chunk, completion, conversation, fields, parse_chat, stop_strings,
@@ -156,18 +158,22 @@ async def _error(request, e: Exception):
 
 def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *, api_key: str | None = None,
                limits: Limits | None = None, sampling: Sampling | None = None, served_name: str = "medassist",
-               index=None):
+               index=None, max_batch: int = MAX_BATCH):
     """The FastAPI app around a loaded model (from generate.load_for_generation), or an engine that generates for it
-    (an upstream.Upstream: same screen, template, guard and disclaimer), and an optional retrieval index."""
+    (an upstream.Upstream: same screen, template, guard and disclaimer), and an optional retrieval index.
+    A local model answers up to `max_batch` requests together (batching.Batcher); 1: one at a time."""
     limits = limits or Limits()
     remote = isinstance(model, upstream.Upstream)
-    # an engine batches the requests it is sent at once; our threads only wait on its sockets (and run the guard)
+    if not remote and max_batch > 1:
+        model = Batcher(model, tokenizer, max_batch)
+    # an engine (or the Batcher) takes the requests it is sent at once; our threads only wait for their text (and
+    # run the guard)
     worker = Worker(model, tokenizer, model_name, adapter, limits.max_queue, index,
-                    threads=limits.max_queue if remote else 1)
+                    threads=limits.max_queue if remote or max_batch > 1 else 1)
     chat = Chat(worker, limits, sampling or Sampling(), served_name)
     created = int(time.time())
     info = {"model": served_name, "base_model": model_name, "adapter": Path(adapter).name if adapter else None,
-            **({"upstream": model.url, "upstream_model": model.model} if remote else {})}
+            **({"upstream": model.url, "upstream_model": model.model} if remote else {"max_batch": max_batch})}
 
     # No /docs: Swagger UI loads its assets from a CDN, and this server works offline. On shutdown uvicorn cancels
     # open streams, which sets their jobs' stop events, so the worker thread ends promptly.
@@ -217,6 +223,8 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=Sampling.repetition_penalty)
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     p.add_argument("--max-queue", type=int, default=Limits.max_queue, help="requests waiting or running; more: 503")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="answers generated together, one model step "
+                   "for all (1: one at a time; README 'Serving and export')")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core: 1.6x faster than 1 on 2 quiet cores; on "
                         "a CPU busy with other work, 1 can be several times faster, README 'Serving and export')")
@@ -241,7 +249,7 @@ def check_args(args) -> list[str]:
     problems = []
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be 0..65535, got {args.port}")
-    for name in ("max_tokens_limit", "max_body_bytes", "max_queue", "threads"):
+    for name in ("max_tokens_limit", "max_body_bytes", "max_queue", "max_batch", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 1 <= args.max_new_tokens <= args.max_tokens_limit:
@@ -289,7 +297,7 @@ def main(argv=None) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)
     app = create_app(model, tokenizer, name, args.adapter, api_key=args.api_key, limits=limits, sampling=sampling,
-                     served_name=args.model_name, index=index)
+                     served_name=args.model_name, index=index, max_batch=args.max_batch)
     what = f"{name}{f' + {args.adapter}' if args.adapter else ''}"
     if args.upstream:
         what = f"a gateway to {model.model} at {model.url} (it generates; screen, template, guard, disclaimer here)"

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from medassist import UserError
 from medassist.generate import Outcome, StopAt, read_adapter_meta
 from medassist.openai_api import ApiError
-from medassist.prompts import STOP_TOKENS, check_template, stop_ids
+from medassist.prompts import STOP_TOKENS, check_template, format_conversation, stop_ids
 from medassist.sampling import Sampling
 
 log = logging.getLogger("medassist.serve")
@@ -46,8 +46,8 @@ class Upstream:
                 "seed": sampling.seed, "repetition_penalty": sampling.repetition_penalty,
                 "stop": list(STOP_TOKENS), "stop_token_ids": self.stop_token_ids}
 
-    def start(self, prompt: str, sampling: Sampling, stop: threading.Event) -> "Completion":
-        return Completion(self, prompt, sampling, stop)
+    def start(self, messages: list[dict], ids, sampling: Sampling, stop: threading.Event) -> "Completion":
+        return Completion(self, format_conversation(messages), sampling, stop)  # text: the engine tokenizes
 
     def connection(self, timeout: float) -> http.client.HTTPConnection:
         u = urlsplit(self.url)

@@ -5,7 +5,8 @@
 
 Loopback only, and bounded: each client sends --requests streaming requests one after another, and no request
 starts after --time-limit seconds. Time to first token = from sending the request to the first non-empty content
-chunk, queueing included (the server generates one answer at a time, and shows text a whole sentence at a time).
+chunk, queueing included (the server shows text a whole sentence at a time). "same as alone": the answers that are
+the text the same question got from the 1-client level (run it first; greedy decoding gives one text per question).
 """
 
 import argparse
@@ -32,17 +33,19 @@ def one_request(url, question: str, max_tokens: int, api_key: str | None) -> dic
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
-    first, tokens = None, 0
+    first, tokens, text = None, 0, []
     for line in response:
         if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-            first = time.perf_counter() - start
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = first if first is not None else time.perf_counter() - start
+            text.append(chunk["choices"][0]["delta"]["content"])
     conn.close()
-    return {"ttft": first, "latency": time.perf_counter() - start, "tokens": tokens}
+    return {"ttft": first, "latency": time.perf_counter() - start, "tokens": tokens, "question": question,
+            "text": "".join(text)}
 
 
 def run_level(url, clients: int, requests: int, max_tokens: int, api_key, deadline: float) -> dict:
@@ -68,7 +71,8 @@ def run_level(url, clients: int, requests: int, max_tokens: int, api_key, deadli
     return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": wall,
             "req_per_s": len(results) / wall, "tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"), "ttft_max": max(ttfts, default=float("nan")),
-            "latency_p50": statistics.median(r["latency"] for r in results) if results else float("nan")}
+            "latency_p50": statistics.median(r["latency"] for r in results) if results else float("nan"),
+            "answers": [(r["question"], r["text"]) for r in results]}
 
 
 def main(argv=None) -> int:
@@ -86,12 +90,18 @@ def main(argv=None) -> int:
     if not 1 <= args.requests <= 20 or not all(1 <= c <= 16 for c in args.clients):
         p.error("--requests must be 1..20 and each --clients value 1..16")
     deadline = time.monotonic() + args.time_limit
-    print("| clients | requests | errors | req/s | returned tok/s | TTFT p50 (s) | TTFT max (s) | latency p50 (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | requests | errors | req/s | returned tok/s | TTFT p50 (s) | TTFT max (s) | latency p50 (s) "
+          "| same as alone |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    alone = {}  # question -> the answer it got with one client (greedy decoding: the same text every time)
     for clients in args.clients:
         r = run_level(args.url, clients, args.requests, args.max_tokens, args.api_key, deadline)
+        if clients == 1:
+            alone.update(r["answers"])
+        known = [(q, text) for q, text in r["answers"] if q in alone]
+        same = f"{sum(alone[q] == text for q, text in known)}/{len(known)}" if known else "-"
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} "
-              f"| {r['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['latency_p50']:.2f} |", flush=True)
+              f"| {r['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['latency_p50']:.2f} | {same} |", flush=True)
     return 0
 
 

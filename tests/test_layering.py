@@ -14,8 +14,8 @@ PACKAGE = ROOT / "medassist"
 TRAINING = {"medassist.data", "medassist.dataprep", "medassist.model", "medassist.cli", "medassist.evaluate",
             "medassist.loss", "medassist.callbacks", "medassist.index"}
 ANSWER_SIDE = ["medassist.prompts", "medassist.records", "medassist.retrieval", "medassist.sampling", "medassist.safety",
-               "medassist.openai_api", "medassist.generate", "medassist.jobs", "medassist.upstream", "medassist.raw",
-               "medassist.serve", "medassist.ask", "medassist.commands"]
+               "medassist.openai_api", "medassist.generate", "medassist.batching", "medassist.jobs",
+               "medassist.upstream", "medassist.raw", "medassist.serve", "medassist.ask", "medassist.commands"]
 TORCH_FREE = {"medassist.prompts", "medassist.records", "medassist.retrieval", "medassist.sampling", "medassist.safety",
               "medassist.openai_api", "medassist.ask", "medassist.commands"}
 

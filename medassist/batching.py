@@ -1,0 +1,216 @@
+"""Continuous batching for `python -m medassist serve`: the answers being generated share one model step per token.
+
+Decoding a 270M model on a CPU is bound by reading its weights (the 262k-row head is most of them), so a step that
+decodes four rows costs little more than a step for one. Each request is prefilled alone, as it would be if it were
+the only one, and its KV cache then joins the batch's between two steps; a row that ends (its end of turn,
+max_new_tokens, a stop string, its client gone) leaves after the current token. Every row streams, stops and ends
+on its own, exactly as generate.Generation does, and keeps its own logits processors and random generator, so its
+tokens do not depend on who else is in the batch (up to the rounding of batched arithmetic: README "Serving").
+
+Why by hand: transformers' continuous batching (5.x `init_continuous_batching`) drops the repetition penalty
+(RepetitionPenaltyLogitsProcessor.supports_continuous_batching is False), which medassist's decoding default uses,
+so its answers would not be the ones a request gets alone. Here the cache is transformers' own DynamicCache and the
+logits processors are the ones `generate` builds; what is ours is only the joining and leaving of rows.
+"""
+
+import logging
+import queue
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from medassist.generate import Outcome, generate_kwargs
+from medassist.prompts import stop_ids
+from medassist.sampling import Sampling
+
+log = logging.getLogger("medassist.serve")
+
+MAX_BATCH = 8  # rows per step by default: on 2 CPU cores a step of 8 rows costs about twice a step of one (README)
+
+
+class Row:
+    """One request in the batch, with the interface of generate.Generation: `streamer` (its text as it comes),
+    `halt` (set: end after the current token), `join()` -> generate.Outcome."""
+
+    def __init__(self, batcher: "Batcher", ids: list[int], sampling: Sampling, stop: threading.Event):
+        from transformers import TextIteratorStreamer
+
+        self.ids, self.new_ids, self.sampling, self.stop = list(ids), [], sampling, stop
+        self.halt, self.ended, self.failure = threading.Event(), threading.Event(), []
+        self.streamer = TextIteratorStreamer(batcher.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.processors = batcher.processors(sampling, len(ids))
+        # its own generator, seeded as generate.Generation seeds the global one: the same draws, whoever else runs
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        self.stops = batcher.stops
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's last logits, as generate chooses it (float32, processors, argmax/sample)."""
+        scores = self.processors(torch.tensor([self.ids + self.new_ids]), logits.to(torch.float32)[None])
+        if self.generator is None:
+            return int(scores.argmax(-1))
+        return int(torch.multinomial(F.softmax(scores, dim=-1), 1, generator=self.generator))
+
+    def accept(self, token: int) -> bool:
+        """Take `token`; True when the row has ended (as generate stops: a stop id, max_new_tokens, or an event)."""
+        self.new_ids.append(token)
+        self.streamer.put(torch.tensor([token]))
+        return (token in self.stops or len(self.new_ids) >= self.sampling.max_new_tokens
+                or self.stop.is_set() or self.halt.is_set())
+
+    def finish(self, failure: Exception | None = None) -> None:
+        if failure is not None:
+            self.failure.append(failure)
+        self.streamer.end()
+        self.ended.set()
+
+    def join(self) -> Outcome:
+        self.ended.wait()
+        if self.failure:
+            raise self.failure[0]
+        last = self.new_ids[-1] if self.new_ids else None
+        cut = len(self.new_ids) >= self.sampling.max_new_tokens and last not in self.stops and not self.halt.is_set()
+        return Outcome(len(self.new_ids), "length" if cut else "stop")
+
+
+class Batcher:
+    """The model behind a queue: `start(messages, ids, sampling, stop)` returns a Row that one thread decodes,
+    together with the others, `max_batch` rows at most (more wait for a row to end). It reads as a model to
+    generate.stream_answer (`config`, `device`, `start`)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.config, self.device, self.stops = model.config, model.device, set(stop_ids(tokenizer))
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.rows: list[Row] = []
+        self.cache, self.mask = None, None  # the batch's DynamicCache and its [rows, length] attention mask
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
+        self.thread.start()
+
+    def start(self, messages, ids: list[int], sampling: Sampling, stop: threading.Event) -> Row:
+        row = Row(self, ids, sampling, stop)
+        self.waiting.put(row)
+        return row
+
+    def close(self) -> None:
+        """End the thread once the rows it has are done (the server's shutdown, tests)."""
+        self.waiting.put(None)
+        self.thread.join()
+
+    def processors(self, sampling: Sampling, prompt_length: int):
+        """The logits processors model.generate builds for these settings (repetition penalty; temperature, top-k,
+        top-p when sampling), from transformers' own builders, so a row decodes as it would alone. They are private
+        methods, the only way to get exactly generate's list; tests/test_batching.py compares with generate, so a
+        transformers release that changes them fails there, not in a user's answers."""
+        config, _ = self.model._prepare_generation_config(None, **generate_kwargs(self.tokenizer, sampling))
+        return self.model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt_length,
+                                                device=self.device)
+
+    # ---- the decoding thread --------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        closing = False
+        while not (closing and not self.rows):
+            while not closing and (not self.rows or len(self.rows) < self.max_batch and not self.waiting.empty()):
+                row = self.waiting.get()  # blocks only when idle
+                closing = row is None
+                if row is not None:
+                    self._admit(row)
+            if self.rows:
+                self._guarded(self._step)
+
+    def _guarded(self, work, *rows: Row) -> None:
+        """Run `work`; on an error (a bug, out of memory) the rows it concerns fail, and the batcher goes on."""
+        try:
+            with torch.no_grad():
+                work(*rows)
+        except Exception as e:
+            log.exception("batched generation failed")
+            for row in rows or self.rows:
+                row.finish(e)
+            if not rows:
+                self.rows, self.cache, self.mask = [], None, None
+
+    def _admit(self, row: Row) -> None:
+        if row.stop.is_set():  # its client left while it waited
+            row.finish()
+            return
+        self._guarded(self._prefill, row)
+
+    def _prefill(self, row: Row) -> None:
+        """The row's prompt alone (the computation generate does for it alone), then its cache joins the batch."""
+        out = self.model(input_ids=torch.tensor([row.ids], device=self.device), use_cache=True, logits_to_keep=1)
+        if row.accept(row.choose(out.logits[0, -1])):
+            row.finish()
+            return
+        self._join(out.cache, len(row.ids))
+        self.rows.append(row)
+
+    def _step(self) -> None:
+        """One token for every row; the rows that end leave the batch."""
+        last = torch.tensor([[row.new_ids[-1]] for row in self.rows], device=self.device)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        positions = self.mask.sum(1, keepdim=True) - 1  # each row's own position: its padding does not count
+        out = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions,
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.cache
+        ended = [row.accept(row.choose(out.logits[i, -1])) for i, row in enumerate(self.rows)]
+        if any(ended):
+            for row, end in zip(self.rows, ended):
+                if end:
+                    row.finish()
+            self._leave([i for i, end in enumerate(ended) if not end])
+
+    # ---- the shared cache: rows left-padded to one length ---------------------------------------------------------
+    def _join(self, cache, length: int) -> None:
+        """Add a one-row cache of `length` tokens: both sides padded on the left to the longer, the padding masked."""
+        ones = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, ones
+            return
+        total = max(self.mask.shape[1], length)
+        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+            keep = _kept(mine, total)
+            mine.keys = torch.cat([_pad_left(mine.keys, keep), _pad_left(theirs.keys, keep)])
+            mine.values = torch.cat([_pad_left(mine.values, keep), _pad_left(theirs.values, keep)])
+            if mine.is_sliding:
+                mine.cumulative_length = total
+        self.mask = torch.cat([_pad_left(self.mask, total), _pad_left(ones, total)])
+
+    def _leave(self, keep: list[int]) -> None:
+        """Keep only the rows `keep`, and drop the columns that are padding in all of them."""
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        unused = int((self.mask.cumsum(1) == 0).sum(1).min())  # leading columns that no row uses
+        self.mask = self.mask[:, unused:]
+        total = self.mask.shape[1]
+        for layer in _layers(self.cache):
+            n = _kept(layer, total)
+            layer.keys, layer.values = layer.keys[index, :, -n:], layer.values[index, :, -n:]
+            if layer.is_sliding:
+                layer.cumulative_length = total
+
+
+def _layers(cache):
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):  # what can be padded and cut by rows
+            raise RuntimeError(f"batching supports DynamicCache layers, not {type(layer).__name__}: serve with "
+                               f"--max-batch 1")
+        yield layer
+
+
+def _kept(layer, total: int) -> int:
+    """How many positions a layer keeps for a batch `total` long: all, or a sliding window's last ones."""
+    return min(total, layer.sliding_window - 1) if layer.is_sliding else total
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """`t` ([rows, length] mask or [rows, heads, length, dim] states) padded with zeros on the left to `length`."""
+    dim = 1 if t.dim() == 2 else 2
+    missing = length - t.shape[dim]
+    return F.pad(t, (missing, 0) if dim == 1 else (0, 0, missing, 0)) if missing > 0 else t

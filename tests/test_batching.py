@@ -1,0 +1,170 @@
+"""Continuous batching (medassist.batching): rows joining and leaving a running batch get the tokens they get alone.
+
+The tiny model's sliding window is 64 positions, so the rows here run past it: the joins, the leaves and the trimmed
+padding are checked on both kinds of cache layer.
+"""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from medassist.batching import Batcher, Row
+from medassist.generate import Generation, load_for_generation, prompt_ids
+from medassist.sampling import Sampling
+
+QUESTIONS = ["What is asthma?", "How can I lower my blood pressure at home without medicine, and what should I eat?",
+             "Flu?", "What are the early signs of type 2 diabetes in adults who are overweight?", "What is gout?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="fp32")
+    return model, tokenizer
+
+
+def alone(model, tokenizer, ids, sampling):
+    generation = Generation(model, tokenizer, ids, sampling, threading.Event())
+    text = "".join(generation.streamer)
+    outcome = generation.join()
+    return text, generation.new_ids, outcome
+
+
+def together(batcher, jobs, gap: float = 0.05):
+    """Start the rows one after another, `gap` seconds apart (later ones join a running batch); the rows and their
+    (text, ids, outcome)."""
+    rows = []
+    for ids, sampling in jobs:
+        rows.append(batcher.start(None, ids, sampling, threading.Event()))
+        time.sleep(gap)
+    return rows, [("".join(row.streamer), row.new_ids, row.join()) for row in rows]
+
+
+def recording(monkeypatch):
+    """Row.choose records the logits each decision is made from (row -> list of tensors)."""
+    seen, choose = {}, Row.choose
+
+    def record(row, logits):
+        seen.setdefault(row, []).append(logits.clone())
+        return choose(row, logits)
+
+    monkeypatch.setattr(Row, "choose", record)
+    return seen
+
+
+def full_sequence_logits(model, ids, new_ids):
+    """The logits behind each generated token, from one forward pass over the whole text: no cache, no padding."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids + new_ids[:-1]])).logits[0, len(ids) - 1:]
+
+
+def test_rows_that_join_and_leave_get_the_answer_they_get_alone(tiny, monkeypatch):
+    model, tokenizer = tiny
+    seen = recording(monkeypatch)
+    # different prompt lengths, answer lengths (some end by length early, one runs past the sliding window), and a
+    # sampled row with its seed: every row must decode as it does alone
+    settings = [Sampling(max_new_tokens=n, temperature=t, seed=s)
+                for n, t, s in [(90, 0, 0), (12, 0, 0), (40, 0.8, 3), (70, 0, 0), (5, 0, 0)]]
+    jobs = [(prompt_ids(tokenizer, q, 1024, s.max_new_tokens), s) for q, s in zip(QUESTIONS, settings)]
+    expected = [alone(model, tokenizer, ids, s) for ids, s in jobs]
+    batcher = Batcher(model, tokenizer, max_batch=3)  # fewer slots than rows: two wait for a row to end
+    try:
+        rows, got = together(batcher, jobs)
+    finally:
+        batcher.close()
+    for (text, ids, outcome), (want_text, want_ids, want_outcome) in zip(got, expected):
+        assert ids == want_ids and text == want_text
+        assert outcome == want_outcome
+    assert [o.tokens for _, _, o in got] == [90, 12, 40, 70, 5]  # the random tiny model never says end of turn
+    # the tiny random model's argmax hardly depends on the context, so the logits are compared too: a wrong position,
+    # mask or cache row shows here even where the tokens happen to agree
+    for (ids, _), row in zip(jobs, rows):
+        assert torch.allclose(torch.stack(seen[row]), full_sequence_logits(model, ids, row.new_ids), atol=1e-4)
+    assert batcher.rows == [] and batcher.cache is None  # everything left the batch
+
+
+def test_a_row_stopped_mid_answer_ends_there_and_the_others_are_unchanged(tiny):
+    model, tokenizer = tiny
+    sampling = Sampling(max_new_tokens=60)
+    jobs = [prompt_ids(tokenizer, q, 1024, 60) for q in QUESTIONS[:3]]
+    expected = [alone(model, tokenizer, ids, sampling)[1] for ids in jobs]
+    batcher = Batcher(model, tokenizer, max_batch=4)
+    try:
+        rows = [batcher.start(None, ids, sampling, threading.Event()) for ids in jobs]
+        pieces = iter(rows[1].streamer)
+        next(pieces)
+        rows[1].stop.set()  # its client left: it ends after the current token
+        rows[2].halt.set()  # a stop string was seen
+        outcomes = [row.join() for row in rows]
+    finally:
+        batcher.close()
+    assert rows[0].new_ids == expected[0] and outcomes[0].finish_reason == "length"
+    for row, outcome, want in zip(rows[1:], outcomes[1:], expected[1:]):
+        assert 0 < len(row.new_ids) < 60 and row.new_ids == want[:len(row.new_ids)]
+        assert outcome.finish_reason == "stop" and outcome.tokens == len(row.new_ids)
+
+
+def test_a_request_whose_client_left_while_waiting_is_never_computed(tiny):
+    model, tokenizer = tiny
+    gone = threading.Event()
+    gone.set()
+    batcher = Batcher(model, tokenizer)
+    try:
+        row = batcher.start(None, prompt_ids(tokenizer, "What is asthma?", 1024, 20), Sampling(max_new_tokens=20), gone)
+        outcome = row.join()
+    finally:
+        batcher.close()
+    assert row.new_ids == [] and outcome.tokens == 0 and "".join(row.streamer) == ""
+
+
+def test_a_failing_step_fails_its_rows_and_the_batcher_goes_on(tiny, monkeypatch):
+    model, tokenizer = tiny
+    sampling = Sampling(max_new_tokens=8)
+    ids = prompt_ids(tokenizer, "What is gout?", 1024, 8)
+    batcher = Batcher(model, tokenizer)
+    try:
+        real, calls = type(model).forward, []
+
+        def broken_once(self, *args, **kwargs):  # the first decode step runs out of memory
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(model), "forward", broken_once)
+        failed = batcher.start(None, ids, sampling, threading.Event())
+        with pytest.raises(RuntimeError, match="out of memory"):
+            failed.join()
+        monkeypatch.setattr(type(model), "forward", real)
+        after = batcher.start(None, ids, sampling, threading.Event())
+        assert after.join().tokens == 8 and after.new_ids == alone(model, tokenizer, ids, sampling)[1]
+    finally:
+        batcher.close()
+
+
+def test_the_shared_cache_keeps_no_column_that_no_row_uses(tiny):
+    """Driven step by step from here (the batcher's thread waits for requests meanwhile): a long prompt and a short
+    one share the batch, left-padded to the long one; once the long one leaves, its padding columns go too."""
+    model, tokenizer = tiny
+    long, short = (prompt_ids(tokenizer, q, 1024, 80) for q in (QUESTIONS[3], QUESTIONS[2]))
+    batcher = Batcher(model, tokenizer)
+    rows = [Row(batcher, long, Sampling(max_new_tokens=70), threading.Event()),
+            Row(batcher, short, Sampling(max_new_tokens=80), threading.Event())]
+    try:
+        with torch.no_grad():
+            for row in rows:
+                batcher._admit(row)
+            assert batcher.mask.tolist()[1] == [0] * (len(long) - len(short)) + [1] * len(short)
+            while rows[0] in batcher.rows:
+                batcher._step()
+            seen = len(short) + len(rows[1].new_ids) - 1  # the short row's tokens in the cache (not its last yet)
+            assert batcher.rows == [rows[1]] and batcher.mask.shape == (1, seen) and bool(batcher.mask.all())
+            for layer in batcher.cache.layers:  # sliding layers keep their window's last 63 positions, full ones all
+                assert layer.keys.shape[2] == (min(seen, 63) if layer.is_sliding else seen)
+            while batcher.rows:
+                batcher._step()
+    finally:
+        batcher.close()
+    assert rows[1].new_ids == alone(model, tokenizer, short, Sampling(max_new_tokens=80))[1]
+    assert rows[0].new_ids == alone(model, tokenizer, long, Sampling(max_new_tokens=70))[1]
