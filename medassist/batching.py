@@ -4,8 +4,9 @@ Decoding a 270M model on a CPU is bound by reading its weights (the 262k-row hea
 decodes four rows costs little more than a step for one. Each request is prefilled alone, as it would be if it were
 the only one, and its KV cache then joins the batch's between two steps; a row that ends (its end of turn,
 max_new_tokens, a stop string, its client gone) leaves after the current token. Every row streams, stops and ends
-on its own, exactly as generate.Generation does, and keeps its own logits processors and random generator, so its
-tokens do not depend on who else is in the batch (up to the rounding of batched arithmetic: README "Serving").
+on its own, exactly as generate.Generation does, and keeps its own logits processors and random generator; its
+attention is computed for it alone (`_rows_attention`), so its tokens do not depend on who else is in the batch
+(tests/test_batching.py: the same logits, bit for bit, in bf16 as in fp32).
 
 Why by hand: transformers' continuous batching (5.x `init_continuous_batching`) drops the repetition penalty
 (RepetitionPenaltyLogitsProcessor.supports_continuous_batching is False), which medassist's decoding default uses,
@@ -76,10 +77,13 @@ class Row:
 class Batcher:
     """The model behind a queue: `start(messages, ids, sampling, stop)` returns a Row that one thread decodes,
     together with the others, `max_batch` rows at most (more wait for a row to end). It reads as a model to
-    generate.stream_answer (`config`, `device`, `start`)."""
+    generate.stream_answer (`config`, `device`, `start`). It sets the model's attention to ATTENTION, which is
+    transformers' sdpa wherever one row or a prompt is computed."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
         self.config, self.device, self.stops = model.config, model.device, set(stop_ids(tokenizer))
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.rows: list[Row] = []
@@ -192,6 +196,36 @@ class Batcher:
             layer.keys, layer.values = layer.keys[index, :, -n:], layer.values[index, :, -n:]
             if layer.is_sliding:
                 layer.cumulative_length = total
+
+
+ATTENTION = "medassist_rows"  # transformers' sdpa, called for each row of a decode step on its own keys
+
+
+def _rows_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention for a decode step, one row at a time on the key columns it attends, unmasked:
+    the call the row gets when it is alone. One batched call over left-padded keys takes another kernel path
+    (masked; the grouped heads repeated), whose bf16 rounding differs: measured, 3 of 8 greedy answers then
+    diverged from their alone text (README "Serving"). The linear layers stay batched: that is where the time is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[0] == 1 or query.shape[2] != 1:  # one row, or a prompt: as transformers does it
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for b in range(query.shape[0]):
+        # left padding: a row attends the columns from its first unmasked one on (bool mask: True = attend)
+        start = 0 if attention_mask is None else int(attention_mask[b, 0, 0].to(torch.uint8).argmax())
+        out, _ = sdpa_attention_forward(module, query[b:b + 1], key[b:b + 1, :, start:], value[b:b + 1, :, start:],
+                                        None, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _rows_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def _layers(cache):

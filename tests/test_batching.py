@@ -168,3 +168,21 @@ def test_the_shared_cache_keeps_no_column_that_no_row_uses(tiny):
         batcher.close()
     assert rows[1].new_ids == alone(model, tokenizer, short, Sampling(max_new_tokens=80))[1]
     assert rows[0].new_ids == alone(model, tokenizer, long, Sampling(max_new_tokens=70))[1]
+
+
+def test_in_bf16_a_row_computes_bit_for_bit_what_it_computes_alone(tiny_model_dir, monkeypatch):
+    """bf16 rounds every product: one batched attention call over padded keys rounds differently from the call a row
+    gets alone, and greedy answers drift apart after a few tokens. The batcher attends row by row, so a row's logits
+    are the same bits with or without company."""
+    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="bf16")
+    seen = recording(monkeypatch)
+    jobs = [(prompt_ids(tokenizer, q, 1024, 70), Sampling(max_new_tokens=70)) for q in QUESTIONS]
+    batcher = Batcher(model, tokenizer, max_batch=8)
+    try:
+        lone = [together(batcher, [job])[0][0] for job in jobs]
+        rows, _ = together(batcher, jobs, gap=0.02)
+    finally:
+        batcher.close()
+    for first, second in zip(lone, rows):
+        assert first.new_ids == second.new_ids
+        assert all(torch.equal(a, b) for a, b in zip(seen[first], seen[second]))
