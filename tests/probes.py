@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, timeout=240, env=None):
-    """`python -m medassist ...` from the project root, with this module importable."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
+    """`python -m medassist ...` from the project root, with this module importable, on one torch thread: the tiny
+    model's ops gain nothing from a second one, and on 2 cores that are busy (another job, a second fit) two threads
+    wait on each other: a fit took 8.5 s on one thread and 25-54 s on two with another job on the cores."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"),
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "medassist", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

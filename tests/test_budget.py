@@ -5,6 +5,7 @@ seconds to every batch, so the budget is reached without waiting for it)."""
 import json
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -65,6 +66,13 @@ def budget_fit(tiny_model_dir, data, out, *extra):
                    *probe("Clock", train_s=30.0, val_s=30.0), *extra)
 
 
+def side_by_side(*runs):
+    """The results of independent runs (callables), started at once: a fit runs on one core (probes.run_cli), most
+    of it importing, so two fill the 2 cores."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return [future.result() for future in [pool.submit(run) for run in runs]]
+
+
 def planned_total(output: str) -> int:
     match = re.search(r"planned (\d+) of the 40 steps, the cosine reaching its floor at step \1", output)
     assert match, output[-3000:]
@@ -73,7 +81,10 @@ def planned_total(output: str) -> int:
 
 def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_the_same_plan(tiny_model_dir, data,
                                                                                              tmp_path):
-    result = budget_fit(tiny_model_dir, data, tmp_path / "whole")
+    # the whole run, and beside it the same run killed after the plan (resumed from step 9 below)
+    result, killed = side_by_side(lambda: budget_fit(tiny_model_dir, data, tmp_path / "whole"),
+                                  lambda: budget_fit(tiny_model_dir, data, tmp_path / "resumed",
+                                                     *probe("SignalAt", step=10)))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert re.search(r"expected training time on this CPU: about .* for 40 optimizer steps", output)
@@ -93,9 +104,8 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     assert "measured at step" not in output  # (what a run stopped between validations says)
     assert "Time limit reached" not in output  # the plan ended it, not Lightning's timer
 
-    # killed after the plan, resumed from step 9: the killed run's saved plan is kept (its own, measured on its own
-    # first steps: real time may move it a step from the run above), and the resumed run ends there on that cosine
-    killed = budget_fit(tiny_model_dir, data, tmp_path / "resumed", *probe("SignalAt", step=10))
+    # the killed run's saved plan is kept (its own, measured on its own first steps: real time may move it a step
+    # from the run above), and the resumed run ends there on that cosine
     assert killed.returncode == -signal.SIGKILL
     saved = planned_total(killed.stdout + killed.stderr)
     resumed = budget_fit(tiny_model_dir, data, tmp_path / "resumed", "--ckpt_path", "last")
