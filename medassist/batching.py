@@ -27,7 +27,9 @@ from medassist.sampling import Sampling
 
 log = logging.getLogger("medassist.serve")
 
-MAX_BATCH = 8  # rows per step by default: on 2 CPU cores a step of 8 rows costs about twice a step of one (README)
+# rows per step by default: twice the 4 clients of README's load test; a row costs its KV cache (gemma-3-270m:
+# 18 layers x keys and values of 256 numbers, 18 KB a token in bf16), and a step's time grows with the rows
+MAX_BATCH = 8
 
 
 class Row:

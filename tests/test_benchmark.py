@@ -86,10 +86,14 @@ def test_matmul_peak_keeps_to_its_time_budget():
 def test_smoke_run_reports_every_peer(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the data module reads data/*.jsonl, as the real children do from the root
     peers = "medassist,tuned,trl,seed" if benchmark.trl_missing() is None else "medassist,tuned,seed"
-    result = benchmark.main(["--model", str(tiny_model_dir), "--quantization", "none", "--precision", "fp32",
-                             "--batch-size", "2", "--seq-len", "512", "--steps", "1", "--warmup", "1", "--rounds", "1",
-                             "--new-tokens", "2", "--threads", "1", "--peak-seconds", "0.1", "--peers", peers,
-                             "--in-process"])
+    threads = torch.get_num_threads()
+    try:
+        result = benchmark.main(["--model", str(tiny_model_dir), "--quantization", "none", "--precision", "fp32",
+                                 "--batch-size", "2", "--seq-len", "512", "--steps", "1", "--warmup", "1",
+                                 "--rounds", "1", "--new-tokens", "2", "--threads", "1", "--peak-seconds", "0.1",
+                                 "--peers", peers, "--in-process"])
+    finally:  # main sets the process's torch threads: the tests after this one must not run on one thread
+        torch.set_num_threads(threads)
     for key in ("train_speedup", "peak_memory_ratio", "loss_rel_diff", "generate_speedup", "train_speedup_vs_seed",
                 "generate_speedup_vs_seed", "same_batches"):
         assert result[key] is not None, key

@@ -208,8 +208,11 @@ def test_batch_4_trains_the_same_adapter_as_batch_2_accumulated_twice(tiny_model
                       gradient_clip_val=0.1).fit(module, datamodule=data)  # clipping on: it sees the weighting too
         adapters.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
     assert any(w.abs().sum() > 0 for n, w in adapters[0].items() if "lora_B" in n)  # it trained (B starts at 0)
+    # Adam divides each step by the gradient's own size, so the rounding of near-zero gradients summed in another
+    # order moves a weight by up to 1.3e-5 after these 4 steps (measured on an Intel Xeon; < 1e-6 on an AMD Zen 4);
+    # the gradients themselves are compared at 1e-4 above
     for name, weight in adapters[0].items():
-        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-4, atol=3e-5, msg=name)
 
 
 def test_test_step_is_the_perplexity_of_the_test_answers(tiny_model_dir, jsonl, tmp_path):
