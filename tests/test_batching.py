@@ -12,6 +12,7 @@ import torch
 
 from medassist.batching import Batcher, Row
 from medassist.generate import Generation, load_for_generation, prompt_ids
+from medassist.loading import cpu_has_native_bf16
 from medassist.sampling import Sampling
 
 QUESTIONS = ["What is asthma?", "How can I lower my blood pressure at home without medicine, and what should I eat?",
@@ -170,6 +171,8 @@ def test_the_shared_cache_keeps_no_column_that_no_row_uses(tiny):
     assert rows[0].new_ids == alone(model, tokenizer, long, Sampling(max_new_tokens=70))[1]
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bf16 here: the server computes in fp32 (auto), "
+                                                     "checked against generate in the first test")
 def test_in_bf16_a_row_computes_bit_for_bit_what_it_computes_alone(tiny_model_dir, monkeypatch):
     """bf16 rounds every product: one batched attention call over padded keys rounds differently from the call a row
     gets alone, and greedy answers drift apart after a few tokens. The batcher attends row by row, so a row's logits
