@@ -6,7 +6,8 @@ the only one, and its KV cache then joins the batch's between two steps; a row t
 max_new_tokens, a stop string, its client gone) leaves after the current token. Every row streams, stops and ends
 on its own, exactly as generate.Generation does, and keeps its own logits processors and random generator; its
 attention is computed for it alone (`_rows_attention`), so its tokens do not depend on who else is in the batch
-(tests/test_batching.py: the same logits, bit for bit, in bf16 as in fp32).
+(tests/test_batching.py: generate's tokens, logits within 1e-4 of a full forward pass in fp32; bit for bit the
+logits it gets alone in bf16, measured on a CPU).
 
 Why by hand: transformers' continuous batching (5.x `init_continuous_batching`) drops the repetition penalty
 (RepetitionPenaltyLogitsProcessor.supports_continuous_batching is False), which medassist's decoding default uses,
@@ -21,7 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from medassist.generate import Outcome, generate_kwargs
+from medassist.generate import Outcome, generate_kwargs, outcome_of
 from medassist.prompts import stop_ids
 from medassist.sampling import Sampling
 
@@ -44,12 +45,14 @@ class Row:
         self.streamer = TextIteratorStreamer(batcher.tokenizer, skip_prompt=False, skip_special_tokens=True)
         self.processors = batcher.processors(sampling, len(ids))
         # its own generator, seeded as generate.Generation seeds the global one: the same draws, whoever else runs
-        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        sampled = sampling.temperature > 0
+        self.generator = torch.Generator(device=batcher.device).manual_seed(sampling.seed) if sampled else None
         self.stops = batcher.stops
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's last logits, as generate chooses it (float32, processors, argmax/sample)."""
-        scores = self.processors(torch.tensor([self.ids + self.new_ids]), logits.to(torch.float32)[None])
+        seen = torch.tensor([self.ids + self.new_ids], device=logits.device)
+        scores = self.processors(seen, logits.to(torch.float32)[None])
         if self.generator is None:
             return int(scores.argmax(-1))
         return int(torch.multinomial(F.softmax(scores, dim=-1), 1, generator=self.generator))
@@ -71,9 +74,7 @@ class Row:
         self.ended.wait()
         if self.failure:
             raise self.failure[0]
-        last = self.new_ids[-1] if self.new_ids else None
-        cut = len(self.new_ids) >= self.sampling.max_new_tokens and last not in self.stops and not self.halt.is_set()
-        return Outcome(len(self.new_ids), "length" if cut else "stop")
+        return outcome_of(self.new_ids, self.sampling.max_new_tokens, self.stops, self.halt.is_set())
 
 
 class Batcher:
@@ -82,26 +83,33 @@ class Batcher:
     generate.stream_answer (`config`, `device`, `start`). It sets the model's attention to ATTENTION, which is
     transformers' sdpa wherever one row or a prompt is computed."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8):
+    def __init__(self, model, tokenizer, max_batch: int = MAX_BATCH):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         _register_attention()
         model.set_attn_implementation(ATTENTION)
         self.config, self.device, self.stops = model.config, model.device, set(stop_ids(tokenizer))
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False
         self.rows: list[Row] = []
         self.cache, self.mask = None, None  # the batch's DynamicCache and its [rows, length] attention mask
         self.thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
         self.thread.start()
 
     def start(self, messages, ids: list[int], sampling: Sampling, stop: threading.Event) -> Row:
+        if self.closed:
+            raise RuntimeError("the batcher is closed")
         row = Row(self, ids, sampling, stop)
         self.waiting.put(row)
         return row
 
     def close(self) -> None:
-        """End the thread once the rows it has are done (the server's shutdown, tests)."""
+        """End the thread once the rows it has are done; rows still waiting fail (tests; a server that stops)."""
+        self.closed = True
         self.waiting.put(None)
         self.thread.join()
+        while not self.waiting.empty():  # started while closing: nobody will decode them, so say so
+            if (row := self.waiting.get()) is not None:
+                row.finish(RuntimeError("the batcher is closed"))
 
     def processors(self, sampling: Sampling, prompt_length: int):
         """The logits processors model.generate builds for these settings (repetition penalty; temperature, top-k,
@@ -115,14 +123,18 @@ class Batcher:
     # ---- the decoding thread --------------------------------------------------------------------------------------
     def _loop(self) -> None:
         closing = False
-        while not (closing and not self.rows):
-            while not closing and (not self.rows or len(self.rows) < self.max_batch and not self.waiting.empty()):
+        while not closing or self.rows:
+            while not closing and self._takes_more():
                 row = self.waiting.get()  # blocks only when idle
                 closing = row is None
                 if row is not None:
                     self._admit(row)
             if self.rows:
                 self._guarded(self._step)
+
+    def _takes_more(self) -> bool:
+        """Idle (then it waits for a request), or a request waits and the batch has room for it."""
+        return not self.rows or (len(self.rows) < self.max_batch and not self.waiting.empty())
 
     def _guarded(self, work, *rows: Row) -> None:
         """Run `work`; on an error (a bug, out of memory) the rows it concerns fail, and the batcher goes on."""
@@ -171,16 +183,23 @@ class Batcher:
         """Add a one-row cache of `length` tokens: both sides padded on the left to the longer, the padding masked."""
         ones = torch.ones(1, length, dtype=torch.long, device=self.device)
         if self.cache is None:
+            list(_layers(cache))  # a cache it could not pad or cut fails its first request, not the second
             self.cache, self.mask = cache, ones
             return
         total = max(self.mask.shape[1], length)
-        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+        # every new tensor first, then all assigned: a failure (out of memory) leaves the batch as it was
+        layers = list(zip(_layers(self.cache), _layers(cache)))
+        joined = []
+        for mine, theirs in layers:
             keep = _kept(mine, total)
-            mine.keys = torch.cat([_pad_left(mine.keys, keep), _pad_left(theirs.keys, keep)])
-            mine.values = torch.cat([_pad_left(mine.values, keep), _pad_left(theirs.values, keep)])
+            joined.append([torch.cat([_pad_left(a, keep), _pad_left(b, keep)])
+                           for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))])
+        mask = torch.cat([_pad_left(self.mask, total), _pad_left(ones, total)])
+        for (mine, _), (keys, values) in zip(layers, joined):
+            mine.keys, mine.values = keys, values
             if mine.is_sliding:
                 mine.cumulative_length = total
-        self.mask = torch.cat([_pad_left(self.mask, total), _pad_left(ones, total)])
+        self.mask = mask
 
     def _leave(self, keep: list[int]) -> None:
         """Keep only the rows `keep`, and drop the columns that are padding in all of them."""
@@ -241,7 +260,8 @@ def _layers(cache):
 
 
 def _kept(layer, total: int) -> int:
-    """How many positions a layer keeps for a batch `total` long: all, or a sliding window's last ones."""
+    """How many positions a layer keeps for a batch `total` long: all, or a sliding window's last ones (window - 1:
+    what DynamicSlidingWindowLayer.update keeps, the new token making up the window)."""
     return min(total, layer.sliding_window - 1) if layer.is_sliding else total
 
 

@@ -236,8 +236,13 @@ class Generation:
         self.thread.join()
         if self.failure:
             raise self.failure[0]
-        cut = len(self.new_ids) >= self.max_new_tokens and self.new_ids[-1] not in self.stops and not self.halt.is_set()
-        return Outcome(len(self.new_ids), "length" if cut else "stop")
+        return outcome_of(self.new_ids, self.max_new_tokens, self.stops, self.halt.is_set())
+
+
+def outcome_of(new_ids: list[int], max_new_tokens: int, stops, halted: bool) -> Outcome:
+    """"length" when max_new_tokens cut the answer (not its end of turn, not a stop string), else "stop"."""
+    cut = len(new_ids) >= max_new_tokens and new_ids[-1] not in stops and not halted
+    return Outcome(len(new_ids), "length" if cut else "stop")
 
 
 def _start(model, tokenizer, messages: list[dict], ids: list[int], sampling: Sampling, stop: threading.Event):

@@ -161,7 +161,8 @@ def create_app(model, tokenizer, model_name: str, adapter: str | None = None, *,
                index=None, max_batch: int = MAX_BATCH):
     """The FastAPI app around a loaded model (from generate.load_for_generation), or an engine that generates for it
     (an upstream.Upstream: same screen, template, guard and disclaimer), and an optional retrieval index.
-    A local model answers up to `max_batch` requests together (batching.Batcher); 1: one at a time."""
+    A local model answers up to `max_batch` requests together (batching.Batcher, which switches the model's attention
+    to its row-by-row implementation and keeps a decoding thread for the life of the process); 1: one at a time."""
     limits = limits or Limits()
     remote = isinstance(model, upstream.Upstream)
     if not remote and max_batch > 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medassist.generate import load_for_generation
-from medassist.prompts import encode_conversation, format_conversation
+from medassist.prompts import encode_conversation, format_conversation, stop_ids
 
 SCRIPT = Path(__file__).with_name("gguf_llamacpp.mjs")
 
@@ -29,15 +29,17 @@ def ours(adapter: str, messages: list[dict], n: int) -> dict:
     model, tokenizer, _ = load_for_generation(adapter, precision="fp32")
     ids = encode_conversation(tokenizer, messages)
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, repetition_penalty=1.0)[0, len(ids):].tolist()
+                         max_new_tokens=n, do_sample=False, repetition_penalty=1.0,
+                         eos_token_id=stop_ids(tokenizer))[0, len(ids):].tolist()  # llama.cpp stops at its EOG ids
     return {"prompt": ids, "generated": out, "text": tokenizer.decode(out, skip_special_tokens=True)}
 
 
 def theirs(gguf: str, messages: list[dict], n: int, llama_dir: str) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(format_conversation(messages))
-    done = subprocess.run(["node", str(SCRIPT.resolve()), str(Path(gguf).resolve()), f.name, str(n)], cwd=llama_dir,
-                          capture_output=True, text=True, timeout=900)
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt = Path(tmp) / "prompt.txt"
+        prompt.write_text(format_conversation(messages), encoding="utf-8")
+        done = subprocess.run(["node", str(SCRIPT.resolve()), str(Path(gguf).resolve()), str(prompt), str(n)],
+                              cwd=llama_dir, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"check_gguf.py: llama.cpp failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -56,8 +58,8 @@ def main(argv=None) -> int:
     same = next((i for i, (x, y) in enumerate(zip(a["generated"], b["generated"])) if x != y),
                 min(len(a["generated"]), len(b["generated"])))
     print(json.dumps({"prompt_ids_equal": a["prompt"] == b["prompt"], "prompt_tokens": len(a["prompt"]),
-                      "generated_ids_equal_for": same, "of": len(a["generated"]), "medassist": a["text"],
-                      "llama.cpp": b["text"]}))
+                      "generated_ids_equal_for": same, "medassist_tokens": len(a["generated"]),
+                      "llamacpp_tokens": len(b["generated"]), "medassist": a["text"], "llama.cpp": b["text"]}))
     return 0 if a["prompt"] == b["prompt"] else 1
 
 

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         if clients == 1:
             alone.update(r["answers"])
         known = [(q, text) for q, text in r["answers"] if q in alone]
-        same = f"{sum(alone[q] == text for q, text in known)}/{len(known)}" if known else "-"
+        same = "reference" if clients == 1 else f"{sum(alone[q] == text for q, text in known)}/{len(known)}" if (
+            known) else "-"
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} "
               f"| {r['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['latency_p50']:.2f} | {same} |", flush=True)
     return 0

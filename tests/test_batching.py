@@ -85,7 +85,7 @@ def test_rows_that_join_and_leave_get_the_answer_they_get_alone(tiny, monkeypatc
     assert batcher.rows == [] and batcher.cache is None  # everything left the batch
 
 
-def test_a_row_stopped_mid_answer_ends_there_and_the_others_are_unchanged(tiny):
+def test_a_row_stopped_mid_answer_ends_there_and_the_others_are_unchanged(tiny, monkeypatch):
     model, tokenizer = tiny
     sampling = Sampling(max_new_tokens=60)
     jobs = [prompt_ids(tokenizer, q, 1024, 60) for q in QUESTIONS[:3]]
@@ -93,17 +93,60 @@ def test_a_row_stopped_mid_answer_ends_there_and_the_others_are_unchanged(tiny):
     batcher = Batcher(model, tokenizer, max_batch=4)
     try:
         rows = [batcher.start(None, ids, sampling, threading.Event()) for ids in jobs]
-        pieces = iter(rows[1].streamer)
-        next(pieces)
-        rows[1].stop.set()  # its client left: it ends after the current token
-        rows[2].halt.set()  # a stop string was seen
+        accept = Row.accept
+
+        def events_at_their_token(row, token):  # as the server would: the client leaves / a stop string is seen
+            if row is rows[1] and len(row.new_ids) == 5:
+                row.stop.set()
+            if row is rows[2] and len(row.new_ids) == 9:
+                row.halt.set()
+            return accept(row, token)
+
+        monkeypatch.setattr(Row, "accept", events_at_their_token)
         outcomes = [row.join() for row in rows]
     finally:
         batcher.close()
     assert rows[0].new_ids == expected[0] and outcomes[0].finish_reason == "length"
-    for row, outcome, want in zip(rows[1:], outcomes[1:], expected[1:]):
-        assert 0 < len(row.new_ids) < 60 and row.new_ids == want[:len(row.new_ids)]
-        assert outcome.finish_reason == "stop" and outcome.tokens == len(row.new_ids)
+    for row, outcome, want, n in zip(rows[1:], outcomes[1:], expected[1:], (6, 10)):
+        assert row.new_ids == want[:n]  # ended after the token during which the event came
+        assert outcome.finish_reason == "stop" and outcome.tokens == n
+
+
+def test_a_row_that_joins_a_batch_past_the_sliding_window_decodes_as_alone(tiny, monkeypatch):
+    """Driven step by step: a long row runs past the 64-position window, then a short one joins it."""
+    model, tokenizer = tiny
+    seen = recording(monkeypatch)
+    long, short = (prompt_ids(tokenizer, q, 1024, 90) for q in (QUESTIONS[1], QUESTIONS[2]))
+    batcher = Batcher(model, tokenizer)
+    rows = [Row(batcher, long, Sampling(max_new_tokens=90), threading.Event()),
+            Row(batcher, short, Sampling(max_new_tokens=40), threading.Event())]
+    try:
+        with torch.no_grad():
+            batcher._admit(rows[0])
+            for _ in range(70):
+                batcher._step()
+            assert batcher.mask.shape[1] > 64  # the batch is past the window when the short row joins
+            batcher._admit(rows[1])
+            while batcher.rows:
+                batcher._step()
+    finally:
+        batcher.close()
+    for row, ids in zip(rows, (long, short)):
+        assert row.new_ids == alone(model, tokenizer, ids, row.sampling)[1]
+        assert torch.allclose(torch.stack(seen[row]), full_sequence_logits(model, ids, row.new_ids), atol=1e-4)
+
+
+def test_a_closed_batcher_refuses_new_rows_and_fails_the_ones_left_waiting(tiny):
+    model, tokenizer = tiny
+    batcher = Batcher(model, tokenizer)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.start(None, [1, 2, 3], Sampling(max_new_tokens=4), threading.Event())
+    left = Row(batcher, [1, 2, 3], Sampling(max_new_tokens=4), threading.Event())
+    batcher.waiting.put(left)  # one that got in as it closed
+    batcher.close()  # a second close: the thread is gone; the waiting row is told
+    with pytest.raises(RuntimeError, match="closed"):
+        left.join()
 
 
 def test_a_request_whose_client_left_while_waiting_is_never_computed(tiny):
