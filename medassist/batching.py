@@ -21,6 +21,10 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface, TextIteratorStreamer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from medassist.generate import Outcome, generate_kwargs, outcome_of
 from medassist.prompts import stop_ids
@@ -38,8 +42,6 @@ class Row:
     `halt` (set: end after the current token), `join()` -> generate.Outcome."""
 
     def __init__(self, batcher: "Batcher", ids: list[int], sampling: Sampling, stop: threading.Event):
-        from transformers import TextIteratorStreamer
-
         self.ids, self.new_ids, self.sampling, self.stop = list(ids), [], sampling, stop
         self.halt, self.ended, self.failure = threading.Event(), threading.Event(), []
         self.streamer = TextIteratorStreamer(batcher.tokenizer, skip_prompt=False, skip_special_tokens=True)
@@ -227,8 +229,6 @@ def _rows_attention(module, query, key, value, attention_mask, **kwargs):
     the call the row gets when it is alone. One batched call over left-padded keys takes another kernel path
     (masked; the grouped heads repeated), whose bf16 rounding differs: measured, 3 of 8 greedy answers then
     diverged from their alone text (README "Serving"). The linear layers stay batched: that is where the time is."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.shape[0] == 1 or query.shape[2] != 1:  # one row, or a prompt: as transformers does it
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
@@ -242,16 +242,11 @@ def _rows_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, _rows_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def _layers(cache):
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):  # what can be padded and cut by rows
             raise RuntimeError(f"batching supports DynamicCache layers, not {type(layer).__name__}: serve with "

@@ -112,14 +112,19 @@ def test_a_row_stopped_mid_answer_ends_there_and_the_others_are_unchanged(tiny, 
         assert outcome.finish_reason == "stop" and outcome.tokens == n
 
 
+def undriven_rows(batcher, tokenizer, *jobs):
+    """Rows for (question, max_new_tokens) pairs, not queued: the test drives the batcher step by step itself (its
+    thread waits for requests meanwhile)."""
+    return [Row(batcher, prompt_ids(tokenizer, q, 1024, n), Sampling(max_new_tokens=n), threading.Event())
+            for q, n in jobs]
+
+
 def test_a_row_that_joins_a_batch_past_the_sliding_window_decodes_as_alone(tiny, monkeypatch):
     """Driven step by step: a long row runs past the 64-position window, then a short one joins it."""
     model, tokenizer = tiny
     seen = recording(monkeypatch)
-    long, short = (prompt_ids(tokenizer, q, 1024, 90) for q in (QUESTIONS[1], QUESTIONS[2]))
     batcher = Batcher(model, tokenizer)
-    rows = [Row(batcher, long, Sampling(max_new_tokens=90), threading.Event()),
-            Row(batcher, short, Sampling(max_new_tokens=40), threading.Event())]
+    rows = undriven_rows(batcher, tokenizer, (QUESTIONS[1], 90), (QUESTIONS[2], 40))
     try:
         with torch.no_grad():
             batcher._admit(rows[0])
@@ -131,9 +136,9 @@ def test_a_row_that_joins_a_batch_past_the_sliding_window_decodes_as_alone(tiny,
                 batcher._step()
     finally:
         batcher.close()
-    for row, ids in zip(rows, (long, short)):
-        assert row.new_ids == alone(model, tokenizer, ids, row.sampling)[1]
-        assert torch.allclose(torch.stack(seen[row]), full_sequence_logits(model, ids, row.new_ids), atol=1e-4)
+    for row in rows:
+        assert row.new_ids == alone(model, tokenizer, row.ids, row.sampling)[1]
+        assert torch.allclose(torch.stack(seen[row]), full_sequence_logits(model, row.ids, row.new_ids), atol=1e-4)
 
 
 def test_a_closed_batcher_refuses_new_rows_and_fails_the_ones_left_waiting(tiny):
@@ -188,13 +193,12 @@ def test_a_failing_step_fails_its_rows_and_the_batcher_goes_on(tiny, monkeypatch
 
 
 def test_the_shared_cache_keeps_no_column_that_no_row_uses(tiny):
-    """Driven step by step from here (the batcher's thread waits for requests meanwhile): a long prompt and a short
-    one share the batch, left-padded to the long one; once the long one leaves, its padding columns go too."""
+    """Driven step by step: a long prompt and a short one share the batch, left-padded to the long one; once the
+    long one leaves, its padding columns go too."""
     model, tokenizer = tiny
-    long, short = (prompt_ids(tokenizer, q, 1024, 80) for q in (QUESTIONS[3], QUESTIONS[2]))
     batcher = Batcher(model, tokenizer)
-    rows = [Row(batcher, long, Sampling(max_new_tokens=70), threading.Event()),
-            Row(batcher, short, Sampling(max_new_tokens=80), threading.Event())]
+    rows = undriven_rows(batcher, tokenizer, (QUESTIONS[3], 70), (QUESTIONS[2], 80))
+    long, short = (row.ids for row in rows)
     try:
         with torch.no_grad():
             for row in rows:
