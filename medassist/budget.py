@@ -5,7 +5,10 @@ Lightning's timer alone would leave the cosine schedule half way (a high learnin
 that depend on where the timer fell); instead the speed of the first optimizer steps sets how many steps fit in the
 budget, and the cosine reaches its floor at that step. The plan lives in the scheduler's state, so it is saved in
 every checkpoint and a resumed run continues the same schedule instead of planning again on another machine's speed.
-Lightning's Timer stays the backstop: if the steps slow down, it still stops the run at max_time.
+The first steps can be slower than the rest (on an AMX Xeon 4.8 s a step over steps 2-4, ~3.9 s later: 1.5 of
+6.8 minutes went unused), so the plan is checked again a third and two thirds of the way, on the steps timed since
+it was made, and moved where it is off by more than the noise of step times. Lightning's Timer stays the backstop:
+if the steps slow down, it still stops the run at max_time.
 """
 
 import math
@@ -18,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 MEASURED_STEPS = 3  # optimizer steps timed before planning, after the first (allocations and caches warm there)
 MARGIN = 0.95  # plan for this share of the time left: step times vary with the batch's length and the machine
+REPLANS = 2  # checks of the plan on the way (a third and two thirds of it), on the steps timed after it was made
 
 
 class CosineToFloor:
@@ -95,6 +99,7 @@ class TimeBudget(L.Callback):
         self.val_seconds = self.val_tokens = self._sanity_start = None
         self.step_seconds, self.step_tokens, self._batch_start, self._step = [], [], None, None
         self._step_time, self._step_tokens = 0.0, 0
+        self._replan_at, self._timed_from = [], 1  # none in a resumed run: it keeps the saved plan
 
     # ---- the base validation: its duration is what each later validation costs ---------------------------------
     def on_sanity_check_start(self, trainer, pl_module):
@@ -152,40 +157,53 @@ class TimeBudget(L.Callback):
         self._step_time += time.monotonic() - self._batch_start
         self._step_tokens += int(batch["attention_mask"].sum())
         stepped, self._step = trainer.global_step != self._step, trainer.global_step  # an optimizer step ended
-        if stepped and not schedule.planned:
+        if stepped:
             self.step_seconds.append(self._step_time)
             self.step_tokens.append(self._step_tokens)
-            if len(self.step_seconds) == MEASURED_STEPS + 1:
-                self._plan(trainer, schedule)
-        if stepped:
             self._step_time, self._step_tokens = 0.0, 0
+            if not schedule.planned and len(self.step_seconds) == MEASURED_STEPS + 1:
+                self._plan(trainer, schedule)
+            elif self._replan_at and trainer.global_step >= self._replan_at[0]:
+                self._replan_at.pop(0)
+                self._plan(trainer, schedule, again=True)
         if schedule.stop_at is not None and trainer.global_step >= schedule.stop_at:
             trainer.should_stop = True  # Lightning validates at this batch, then ends the fit
 
-    def _plan(self, trainer, schedule: CosineToFloor) -> None:
+    def _plan(self, trainer, schedule: CosineToFloor, again: bool = False) -> None:
+        """Set the cosine's length to the steps that fit in what is left of the budget: first from steps 2-4, again
+        (`again`) from every step timed after that first plan, moving it only by more than the noise of step times."""
         per_epoch, tokens = self._epoch_shape(trainer)
-        # Seconds per token of the timed steps, times an average step's tokens: the first steps' batches may be
-        # shorter or longer than the rest (batches are grouped by length).
-        measured = self.step_seconds[1:]  # the first step warms caches and allocators
+        measured = self.step_seconds[self._timed_from:]  # the first step warms caches and allocators
         step_s = sum(measured) / len(measured)
-        if tokens:
-            step_s = sum(measured) / max(sum(self.step_tokens[1:]), 1) * tokens / per_epoch
+        if tokens:  # seconds per token, times an average step's: batches are grouped by length
+            step_s = sum(measured) / max(sum(self.step_tokens[self._timed_from:]), 1) * tokens / per_epoch
         left = timer_of(trainer).time_remaining("train") * MARGIN
         val_s = self.val_seconds or 0.0
-        done, full = trainer.global_step, schedule.total
+        done, configured = trainer.global_step, configured_steps(trainer)
+        full = math.inf if configured is None else configured
         bound = full if math.isfinite(full) else done + math.ceil(left / max(step_s, 1e-9))  # no step limit
         every = self._val_every(trainer, per_epoch)
         total = int(trainer.strategy.broadcast(steps_that_fit(done, bound, every, left, step_s, val_s)))
+        before = schedule.total
+        if again and abs(total - before) < max(3, 0.1 * before):  # within the noise of step times (batch lengths)
+            return
         schedule.total, schedule.planned, schedule.stop_at = total, True, total if total < full else None
-        schedule.full, schedule.budget = configured_steps(trainer), round(budget_of(trainer))
+        schedule.full, schedule.budget = configured, round(budget_of(trainer))
         if total <= schedule.warmup:  # a plan shorter than the warm-up would end at its peak learning rate
             schedule.warmup = max(done, total // 2)
         expect = (total - done) * step_s + validations(done, total, every) * val_s
         what = f"all {full}" if total == full else f"{total} of the {full}" if math.isfinite(full) else f"{total} of unlimited"
+        left_out = (f" ({full - total} steps left out to stay within trainer.max_time)"
+                    if math.isfinite(full) and total < full else "")
+        if again:
+            rank_zero_info(f"time budget: {step_s:.1f} s per optimizer step over steps {self._timed_from + 1}-{done}; "
+                           f"re-planned {what} steps (was {before}), the cosine now reaching its floor at step {total}; "
+                           f"training ends in about {_minutes(expect)}{left_out}")
+            return
         rank_zero_info(f"time budget: {step_s:.1f} s per optimizer step measured; planned {what} steps, the cosine "
-                       f"reaching its floor at step {total}; training ends in about {_minutes(expect)}"
-                       + (f" ({full - total} steps left out to stay within trainer.max_time)"
-                          if math.isfinite(full) and total < full else ""))
+                       f"reaching its floor at step {total}; training ends in about {_minutes(expect)}{left_out}")
+        self._timed_from = len(self.step_seconds)
+        self._replan_at = [done + (total - done) * k // (REPLANS + 1) for k in range(1, REPLANS + 1)]
 
     @staticmethod
     def _val_every(trainer, per_epoch: int) -> int:

