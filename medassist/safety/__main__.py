@@ -2,7 +2,8 @@
 
   screen   --input questions.jsonl      one JSON line per question: flags, which layer fired, probabilities
   evaluate --data FILE.jsonl [--kind questions|guard|conversations] [--rules-only] [--json]
-  train    [--task triage|guard] [--train DIR_OR_FILE ...] [--dev FILE ...] [--out DIR] [--seed N]    retrain
+  train    [--task triage|guard] [--train DIR_OR_FILE ...] [--dev FILE ...] [--out DIR] [--seed N] [--members N]
+                                        retrain
   latency  --data FILE.jsonl [--repeats N]  median screening time of one question, once the model is loaded
 """
 import argparse
@@ -86,7 +87,17 @@ def screen(path: Path) -> int:
     return 2 if bad else 0
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
+    from medassist.safety.train import TASKS  # no torch: the recipes' defaults for the help, defined once there
+
+    triage, guard = TASKS["triage"], TASKS["guard"]
     p = argparse.ArgumentParser(prog="python -m medassist.safety", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,14 +122,15 @@ def parse_args(argv=None):
                         "data/safety/dev/guard.jsonl (guard)")
     t.add_argument("--out", type=Path, default=None,
                    help="default: the package's medassist/safety/triage/ or medassist/safety/guard_model/")
-    t.add_argument("--rank", type=int, default=None, help="LoRA rank of the encoder's adapter (default: 32 for "
-                                                          "triage, 8 for guard)")
-    t.add_argument("--epochs", type=int, default=None, help="default: 6 for triage, 3 for guard")
+    t.add_argument("--rank", type=_at_least_one, default=None, help=f"LoRA rank of the encoder's adapter (default: "
+                                                                    f"{triage.rank} for triage, {guard.rank} for guard)")
+    t.add_argument("--epochs", type=_at_least_one, default=None,
+                   help=f"default: {triage.epochs} for triage, {guard.epochs} for guard")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--members", type=int, default=None,
+    t.add_argument("--members", type=_at_least_one, default=None,
                    help="models trained alike with seeds seed, seed+1, ..., their probabilities averaged "
-                        "(default: 2 for triage, 1 for guard)")
+                        f"(default: {triage.members} for triage, {guard.members} for guard)")
     return p.parse_args(argv)
 
 
