@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import lightning as L
@@ -133,25 +134,78 @@ def check_train_on(train_on: str) -> None:
         raise UserError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
 
 
-def with_context(records: list[dict], index, path: str, leave_out: float = 0.0, seed: int = 0) -> list[dict]:
-    """Pairs with the relevant passage of `index` as their input part (as answering puts it there); for a
-    `leave_out` share of them (seeded) the pair's own document is left out of the search, so the model also learns
-    from a passage that is only related. Conversations are kept as they are. Counts are logged."""
+OPENING_SENTENCES = 2  # of the passage, restated after prompts.RELATED_ONLY's opening
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def answers(record: dict, hit: dict) -> bool:
+    """Whether passage `hit` answers the pair's question: its heading is the question, or its text is part of the
+    pair's answer."""
+    return (_flat(hit["title"]).lower() == _flat(record["instruction"]).lower()
+            or _flat(hit["text"]) in _flat(record["output"]))
+
+
+def grounded_output(record: dict, hit: dict) -> str:
+    """The answer a pair teaches with passage `hit` in its prompt: the passage restated when it `answers` the
+    question (the pair's own answer where the passage is all of it), else RELATED_ONLY. So the model learns to say
+    what the passage says, never more."""
+    text = hit["text"].strip()
+    if _flat(record["output"]) == _flat(text):
+        return record["output"]
+    if answers(record, hit):
+        return text
+    from medassist.prompts import RELATED_ONLY
+
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    return RELATED_ONLY.format(title=hit["title"].strip(), opening=" ".join(sentences[:OPENING_SENTENCES]))
+
+
+def respelled(question: str, rng: random.Random) -> str:
+    """The question as a person might type it: MedQuAD's headings and questions are spelled alike ("What is (are)
+    Gout ?"), so a model trained on them alone takes any other spelling for another question. Each change at random:
+    no space before "?", lower case, no "(are)", no "?"; the words stay."""
+    if rng.random() < 0.5:
+        question = re.sub(r"\s+([?.!])", r"\1", question)
+    if rng.random() < 0.3:
+        question = question.lower()
+    if rng.random() < 0.5:
+        question = question.replace("(are) ", "")
+    if rng.random() < 0.2:
+        question = question.rstrip(" ?")
+    return question
+
+
+def with_context(records: list[dict], index, path: str, leave_out: float = 0.0, seed: int = 0,
+                 respell: float = 0.0) -> list[dict]:
+    """Pairs with the relevant passage of `index` as their input part (as answering puts it there) and
+    `grounded_output` as their answer; for a `leave_out` share of them (seeded) the pair's own document is left out
+    of the search, so the model also learns what to say when the passage is only related; for a `respell` share the
+    question in the prompt is `respelled` (whether the passage answers it is decided on the question as written).
+    Pairs without a passage and conversations are kept as they are. Counts are logged."""
     from medassist.prompts import INPUT_GAP, context_text
     from medassist.retrieval import doc_of
 
-    rng = random.Random(seed)
+    rng, spelling = random.Random(seed), random.Random(seed + 1)  # leave-out draws stay as without respelling
     pairs = [r for r in records if "messages" not in r]
     excluded = [doc_of(r, path) if rng.random() < leave_out else None for r in pairs]
-    found = index.relevant([r["instruction"] for r in pairs], k=1, exclude_docs=excluded)
-    hits = iter(found)
-    # after the pair's own input part, as answering puts the passage after the question file's input
-    out = [r if "messages" in r else {**r, "input": INPUT_GAP.join(x for x in ((r.get("input") or "").strip(),
-                                                                             context_text(next(hits))) if x)}
-           for r in records]
-    given = sum(bool(h) for h in found)
-    log.info("%s: %d of %d pairs got a retrieved passage (%d searched without their own document)", path, given,
-             len(pairs), sum(d is not None for d in excluded))
+    found = iter(index.relevant([r["instruction"] for r in pairs], k=1, exclude_docs=excluded))
+    out, given, related = [], 0, 0
+    for r in records:
+        hits = [] if "messages" in r else next(found)
+        if not hits:
+            out.append(r)
+            continue
+        given, related = given + 1, related + (not answers(r, hits[0]))
+        # after the pair's own input part, as answering puts the passage after the question file's input
+        context = INPUT_GAP.join(x for x in ((r.get("input") or "").strip(), context_text(hits)) if x)
+        question = respelled(r["instruction"], spelling) if spelling.random() < respell else r["instruction"]
+        out.append({**r, "instruction": question, "input": context, "output": grounded_output(r, hits[0])})
+    log.info("%s: %d of %d pairs got a retrieved passage (%d searched without their own document); %d of those "
+             "passages answer another question and teach saying so", path, given, len(pairs),
+             sum(d is not None for d in excluded), related)
     return out
 
 
@@ -240,6 +294,8 @@ class InstructionDataModule(L.LightningDataModule):
         index: a retrieval index (`python -m medassist index build`): every pair gets its relevant passage in the
             prompt, as answers with `--index` do (grounded fine-tuning); None: no passages.
         leave_out: with an index, the share of training pairs searched without their own document.
+        respell: with an index, the share of training pairs whose question is spelled another way in the prompt
+            (case, "?", "(are)"), so a question typed differently from the passage's heading is still its question.
         batch_size: examples per micro-batch (per device).
         group_by_length: batch examples of similar length together (less padding); otherwise plain shuffling.
         num_workers: DataLoader worker processes.
@@ -257,6 +313,7 @@ class InstructionDataModule(L.LightningDataModule):
         train_on: str = "all_assistant",
         index: str | None = None,
         leave_out: float = 0.3,
+        respell: float = 0.5,
         batch_size: int = 4,
         group_by_length: bool = True,
         num_workers: int = 0,
@@ -272,8 +329,10 @@ class InstructionDataModule(L.LightningDataModule):
         check_train_on(train_on)  # now, before any model loads
         self.base_model, self.max_seq_length, self.batch_size = base_model, max_seq_length, batch_size
         self.train_on, self.leave_out = train_on, leave_out
-        if not 0 <= leave_out <= 1:
-            raise UserError(f"leave_out is a share of the training pairs, 0..1; got {leave_out}")
+        for name, share in (("leave_out", leave_out), ("respell", respell)):
+            if not 0 <= share <= 1:
+                raise UserError(f"{name} is a share of the training pairs, 0..1; got {share}")
+        self.respell = respell
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file, self.predict_output = predict_file, predict_output
@@ -295,7 +354,8 @@ class InstructionDataModule(L.LightningDataModule):
 
         self.tokenizer = load_tokenizer(self.base_model)
         if (index := self.retriever) is not None:
-            self.train_records = with_context(self.train_records, index, self.train_file, self.leave_out, self.seed)
+            self.train_records = with_context(self.train_records, index, self.train_file, self.leave_out, self.seed,
+                                              self.respell)
             self.val_records = with_context(self.val_records, index, self.val_file)
             if self.test_records is not None:
                 self.test_records = with_context(self.test_records, index, self.test_file)

@@ -22,7 +22,7 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
-from medassist.prompts import check_template, encode_conversation, stop_ids
+from medassist.prompts import SOURCE_CLAIMS, check_template, encode_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
 from medassist.retrieval import ground
 from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
@@ -167,9 +167,15 @@ def answer_batch(model, tokenizer, questions: list[str | list[dict]], sampling: 
         grounded = fitting(ground(index, plain), plain, tokenizer, window, new)
         generated = generate_texts(model, tokenizer, [messages for messages, _ in grounded], sampling)
         for (i, _, context, screening), (_, sources), raw in zip(rest, grounded, generated):
-            composed = safety.with_sources(safety.compose(screening, raw), sources)
+            composed = safety.with_sources(safety.compose(screening, raw, false_claims(sources)), sources)
             records[i] = answer_record(last_question(questions[i]), composed, model_name, adapter, context)
     return records
+
+
+def false_claims(sources: list[dict] | None) -> tuple[str, ...]:
+    """What the guard drops from an answer given no passage (no index, or nothing relevant): a grounded adapter's
+    "The source I found ... It says: ..." (prompts.RELATED_ONLY), which would be about a source never given."""
+    return () if sources else SOURCE_CLAIMS
 
 
 def fitting(grounded: list[tuple], plain: list[list[dict]], tokenizer, context: int, max_new_tokens: int) -> list:
@@ -280,7 +286,7 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
     stop = stop or threading.Event()
     generation, cut = _start(model, tokenizer, kept, ids, sampling, stop), StopAt(stop_strings)
     said = bool(screening.preface)  # paragraphs are joined by a blank line, as in safety.compose
-    guard, generated, first = safety.stream_guard(screening), [], True
+    guard, generated, first = safety.stream_guard(screening, false_claims(sources)), [], True
     try:
         if screening.preface:
             yield screening.preface
@@ -305,7 +311,8 @@ def stream_answer(model, tokenizer, question: str | list[dict], sampling: Sampli
         said = True
     if sources is not None:
         yield ("\n\n" if said else "") + safety.sources_text(sources)
-    composed = safety.with_sources(safety.compose(screening, "".join(generated).strip()), sources)
+    composed = safety.with_sources(safety.compose(screening, "".join(generated).strip(), false_claims(sources)),
+                                   sources)
     record = answer_record(last_question(question), composed, model_name, adapter, context_of(question))
     yield "\n\n" + record["disclaimer"]
     yield record

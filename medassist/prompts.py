@@ -21,6 +21,11 @@ TURN_GAP = "\n"  # between a model turn's <end_of_turn> and the next user turn, 
 # Gemma has no system role: a system message is put before the first user turn's text, as Gemma's chat template does.
 SYSTEM_GAP = "\n\n"
 INPUT_GAP = "\n\n"  # between a question and its optional input (context) part
+# The answer grounded training teaches when the passage does not answer the question (data.grounded_output): say so
+# and restate the passage's opening, rather than answer from memory as if it were sourced.
+RELATED_ONLY = 'The source I found answers another question ("{title}"), not this one. It says: {opening}'
+# Its two sentence openings: claims about a passage, false in an answer given none (the guard drops such sentences).
+SOURCE_CLAIMS = (RELATED_ONLY.split(" answers", 1)[0], RELATED_ONLY.split("not this one. ", 1)[1].split(" {", 1)[0])
 # Retrieved passages go into the input part, each headed by its title, so the model can restate what it was given.
 SOURCE_HEAD = "Source: "
 # Generation ends at the end of the model's turn and at any turn marker: a small model that goes on with

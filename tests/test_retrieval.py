@@ -125,9 +125,57 @@ def test_grounded_training_data_leaves_the_own_document_out_for_a_share(index_di
     pairs = [dict(r, instruction=r["instruction"]) for r in COLLECTION]
     kept = with_context(pairs, retrieval.load(index_dir), "collection.jsonl", leave_out=0.0)
     assert all(r["input"].startswith(f"Source: {r['instruction']}\n") for r in kept)  # its own passage
+    assert [r["output"] for r in kept] == [r["output"] for r in COLLECTION]  # its passage is all of its answer
     left = with_context(pairs, retrieval.load(index_dir), "collection.jsonl", leave_out=1.0)
-    assert all(not r["input"].startswith(f"Source: {r['instruction']}\n") for r in left)  # never its own
+    assert all(not r.get("input", "").startswith(f"Source: {r['instruction']}\n") for r in left)  # never its own
+    # another document's passage: the answer says so and restates it, instead of the reference from memory
+    assert all(r["output"].startswith("The source I found answers another question") for r in left if "input" in r)
     assert doc_of(COLLECTION[0], "x.jsonl") == "https://example.org/asthma"
+
+
+def test_respelled_questions_keep_their_words_and_their_answers(index_dir):
+    from medassist.data import respelled, with_context
+
+    pairs = [dict(r) for r in COLLECTION]
+    plain = with_context(pairs, retrieval.load(index_dir), "collection.jsonl")
+    respelt = with_context(pairs, retrieval.load(index_dir), "collection.jsonl", respell=1.0)
+    assert [r["output"] for r in respelt] == [r["output"] for r in plain]  # decided on the question as written
+    assert [r["input"] for r in respelt] == [r["input"] for r in plain]
+    words = lambda q: q.lower().replace("(are) ", "").rstrip(" ?").split()
+    assert all(words(a["instruction"]) == words(b["instruction"]) for a, b in zip(respelt, plain))
+    rng = __import__("random").Random(3)
+    spellings = {respelled("What is (are) Gout ?", rng) for _ in range(200)}
+    assert {"What is (are) Gout ?", "What is Gout?", "what is gout?", "What is (are) Gout"} <= spellings
+
+
+def test_a_passage_teaches_restating_it_or_saying_it_answers_another_question():
+    from medassist.data import grounded_output
+
+    question = {"instruction": "What are the symptoms of gout?", "output": "Gout causes sudden pain.\nAnd swelling."}
+    whole = {"title": "What are the symptoms of gout ?", "text": "Gout causes sudden pain. And swelling."}
+    assert grounded_output(question, whole) == question["output"]  # its own answer, line breaks kept
+    part = {"title": "What are the symptoms of gout?", "text": "Gout causes sudden pain."}
+    assert grounded_output(question, part) == "Gout causes sudden pain."  # no more than the passage says
+    other = {"title": "What is gout?", "text": "Gout is a kind of arthritis. Uric acid builds up. It forms crystals."}
+    assert grounded_output(question, other) == ('The source I found answers another question ("What is gout?"), '
+                                                'not this one. It says: Gout is a kind of arthritis. Uric acid '
+                                                'builds up.')
+
+
+def test_the_passage_whose_heading_is_the_question_comes_first(tmp_path):
+    # BM25 alone prefers the overview, which repeats "gout" and "symptoms"; the heading decides between them
+    overview = {"instruction": "What is gout?", "output": "Gout is arthritis. Gout symptoms: gout attacks, gout "
+                "symptoms at night, symptoms of gout in the toe.", "url": "https://example.org/gout"}
+    symptoms = {"instruction": "What are the symptoms of gout?", "output": "Sudden pain and redness in a joint, "
+                "often the big toe.", "url": "https://example.org/gout"}
+    build([str(write(tmp_path / "gout.jsonl", [overview, symptoms, *COLLECTION]))], tmp_path / "index")
+    index = retrieval.load(tmp_path / "index")
+    question = "What are the symptoms of gout?"
+    ids, _ = index.bm25.retrieve(retrieval.tokenize([question]), k=1, show_progress=False)
+    assert index.passages[int(ids[0][0])]["title"] == "What is gout?"  # what BM25 alone puts first
+    assert index.search([question], k=1)[0][0]["title"] == question
+    assert retrieval.title_match(question, "What are the symptoms of Gout ?") == 1.0
+    assert retrieval.title_match(question, "What is gout?") == 2 / 3  # {what, symptom, gout} vs {what, gout}
 
 
 def test_the_evaluator_reports_with_and_without_retrieval(index_dir, adapter, tiny_model_dir, tmp_path):
@@ -206,3 +254,20 @@ def test_a_passage_that_does_not_fit_the_context_is_left_out_not_an_error(index_
     streamed = list(assistant.stream(question))
     assert streamed[-1]["sources"] == [] and "".join(p for p in streamed if isinstance(p, str)) == safety.render(
         streamed[-1])
+
+
+def test_an_answer_given_no_passage_never_says_it_found_one():
+    from medassist import safety
+    from medassist.generate import false_claims
+
+    text = ('The source I found answers another question ("What is gout?"), not this one. It says: Gout is a kind '
+            'of arthritis. Resting the joint helps.')
+    screening = safety.screen_question("What causes gout?")
+    source = [{"title": "What is gout?", "source": "", "url": "", "score": 9.0}]
+    assert safety.compose(screening, text, false_claims(source))["answer"] == text  # it was given that passage
+    for sources in ([], None):  # nothing relevant retrieved, or no index at all
+        assert safety.compose(screening, text, false_claims(sources))["answer"] == "Resting the joint helps."
+        guard = safety.stream_guard(screening, false_claims(sources))
+        words = text.split(" ")
+        streamed = [guard.feed(w + " ") for w in words[:-1]] + [guard.feed(words[-1]), guard.close()]
+        assert "".join(streamed) == "Resting the joint helps."  # while streaming too, sentence by sentence

@@ -569,6 +569,14 @@ GUARD_REMOVES = [
     ("Speaking as a physician, I would rest.", "doctor_claim_removed"),
     ("I'm a board-certified cardiologist, and I'd approach this carefully.", "doctor_claim_removed"),
     ("In my clinical opinion this needs rest.", "doctor_claim_removed"),
+    ("As the doctor on call tonight, I'd advise you to stay at home.", "doctor_claim_removed"),
+    ("I've been a midwife for twenty years.", "doctor_claim_removed"),
+    ("I'll refer you to a dermatologist next week.", "doctor_claim_removed"),
+    ("When I saw you in clinic, your chest sounded clear.", "doctor_claim_removed"),
+    ("Come back and see me in a fortnight.", "doctor_claim_removed"),
+    ("Kind regards, Dr Jane Moss", "doctor_claim_removed"),
+    ("Helen Park, Consultant Physician", "doctor_claim_removed"),
+    ("Take it from a pharmacist: that is normal.", "doctor_claim_removed"),
     ("For a callback, ring 0161 496 0000 between 9 and 5.", "contact_removed"),
     ("Call our helpline on +44 20 7946 0958.", "contact_removed"),
     ("WhatsApp us on +91 98765 43210.", "contact_removed"),
@@ -586,6 +594,15 @@ GUARD_KEEPS_TOO = [
     "Smoking means you have a higher risk of stroke.",
     "Tapering means lowering a dose gradually, a plan your prescriber would set.",
     "It is a chronic disease that affects the airways.",
+    # about clinicians, not a claim to be one
+    "I'm not a doctor, but I can explain what the word means.",
+    "Your doctor may refer you to a dermatologist.",
+    "A doctor will examine your skin and may take a small sample.",
+    "Researchers who examined 500 people found a link.",
+    "Take your medicine exactly as your doctor prescribed.",
+    "I can't examine you or diagnose you.",
+    "Call 911, right now.",
+    "Dr. Alzheimer first described the disease in 1906.",
 ]
 
 

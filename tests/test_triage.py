@@ -167,6 +167,8 @@ def test_guard_on_the_separately_written_sentences():
     removed = sum(report[f]["tp"] for f in ("dose_removed", "diagnosis_removed"))
     wanted = sum(report[f]["positives"] for f in ("dose_removed", "diagnosis_removed"))
     assert removed / wanted >= GUARD_REMOVAL, f"{removed}/{wanted}"
+    claims = report["doctor_claim_removed"]  # the rules alone: 23 of 26 when they were written (README)
+    assert claims["recall"] >= 0.85, f"{claims['tp']}/{claims['positives']}"
     assert report["negatives"]["false_alarm_rate"] <= 0.05, report["negatives"]
 
 

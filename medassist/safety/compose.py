@@ -16,12 +16,12 @@ def fixed_lines(screening: Screening) -> tuple[str, ...]:
     return tuple(p for p in (screening.preface, screening.guidance, *closing_lines(screening)) if p)
 
 
-def stream_guard(screening: Screening) -> StreamGuard:
-    """The guard for this answer's generated text."""
-    return StreamGuard(fixed_lines(screening))
+def stream_guard(screening: Screening, false_claims: tuple[str, ...] = ()) -> StreamGuard:
+    """The guard for this answer's generated text (`false_claims`: see StreamGuard)."""
+    return StreamGuard(fixed_lines(screening), false_claims)
 
 
-def compose(screening: Screening, generated: str) -> dict:
+def compose(screening: Screening, generated: str, false_claims: tuple[str, ...] = ()) -> dict:
     """Build the record for one answer: {"answer": str, "disclaimer": DISCLAIMER, "flags": list}.
 
     answer = screening preface + (vetted guidance if urgent, else the guarded generated text) + closing lines, as
@@ -31,7 +31,8 @@ def compose(screening: Screening, generated: str) -> dict:
         raise ValueError("compose needs the Screening returned by screen_question(question)")
     if not isinstance(generated, str):
         raise ValueError(f"generated text must be a str, got {type(generated).__name__}")
-    body, guard_flags = ("", ()) if screening.urgent else guard_answer(generated, fixed_lines(screening))
+    body, guard_flags = ("", ()) if screening.urgent else guard_answer(generated, fixed_lines(screening),
+                                                                       false_claims)
     parts = (screening.preface, screening.guidance, body, *closing_lines(screening))
     flags = [f for f in SCREEN_FLAGS + GUARD_FLAGS if f in screening.flags or f in guard_flags]
     return {"answer": "\n\n".join(p for p in parts if p), "disclaimer": DISCLAIMER, "flags": flags}

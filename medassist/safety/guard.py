@@ -48,7 +48,8 @@ def invented_phone(sentence: str) -> bool:
 
 # Generated text is written with contractions; the guard's rules read them spelled out.
 _EXPAND = {"you've": "you have", "you're": "you are", "it's": "it is", "that's": "that is", "i'm": "i am",
-           "i've": "i have", "i'd": "i would", "he's": "he is", "she's": "she is", "what's": "what is"}
+           "i've": "i have", "i'd": "i would", "i'll": "i will", "he's": "he is", "she's": "she is",
+           "what's": "what is"}
 
 
 def rule_sentence_flags(sentence: str) -> list[str]:
@@ -86,11 +87,15 @@ class StreamGuard:
     # contains a line break; that whitespace is complete once a non-space character follows.
     _SPACE = re.compile(r"\s+")
     _END = re.compile(r"[.!?][\"')\]]*\Z")
+    # A title's full stop ends no sentence: "Dr. Patel" stays one sentence, so a signature is read whole.
+    _TITLE = re.compile(r"\b(dr|mr|mrs|ms|prof|st)\.\Z", re.IGNORECASE)
 
-    def __init__(self, shown: tuple[str, ...] = ()) -> None:
+    def __init__(self, shown: tuple[str, ...] = (), false_claims: tuple[str, ...] = ()) -> None:
         """shown: lines the code adds to this answer (escalation, closing lines): a model sentence that repeats one
-        is dropped, so the reader sees it once. The disclaimer is always one of them."""
+        is dropped, so the reader sees it once. The disclaimer is always one of them. false_claims: openings of
+        sentences the code knows to be untrue in this answer (a source found, when none was given): dropped."""
         self._buf, self._scan, self._sep, self._started, self._fired = "", 0, "", False, set()
+        self._false = tuple(normalise(c) for c in false_claims)
         self._fixed = [_words(s) for line in (DISCLAIMER, *shown) for s in _sentences(line)]
 
     @property
@@ -101,7 +106,7 @@ class StreamGuard:
     def _emit(self, sentence: str, sep: str) -> str:
         sentence = sentence.strip()
         flags = sentence_flags(sentence) if sentence else ()
-        if flags or not sentence or _repeats(sentence, self._fixed):
+        if flags or not sentence or _repeats(sentence, self._fixed) or normalise(sentence).startswith(self._false):
             self._fired.update(flags)
             # A dropped sentence's two separators merge; keep the stronger break.
             self._sep = max(self._sep, sep, key=lambda s: s.count("\n"))
@@ -121,7 +126,8 @@ class StreamGuard:
             if m.end() == len(self._buf):  # trailing whitespace may continue in the next chunk
                 break
             space = m.group()
-            if "\n" in space or self._END.search(self._buf, max(start, m.start() - 12), m.start()):
+            window = (max(start, m.start() - 12), m.start())
+            if "\n" in space or (self._END.search(self._buf, *window) and not self._TITLE.search(self._buf, *window)):
                 out.append(self._emit(self._buf[start:m.start()], space[space.find("\n"):] if "\n" in space else space))
                 start = m.end()
         self._buf = self._buf[start:]
@@ -135,12 +141,13 @@ class StreamGuard:
         return self._emit(rest, "") if rest.strip() else ""
 
 
-def guard_answer(text: str, shown: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:
+def guard_answer(text: str, shown: tuple[str, ...] = (),
+                 false_claims: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:
     """Remove sentences with dose instructions, diagnoses of the reader, doctor/prescriber claims or
-    (invented) phone numbers and e-mail addresses from generated text, and repeats of the `shown` fixed lines.
-    Returns (cleaned_text, flags in GUARD_FLAGS order)."""
+    (invented) phone numbers and e-mail addresses from generated text, repeats of the `shown` fixed lines and
+    sentences opening with one of `false_claims`. Returns (cleaned_text, flags in GUARD_FLAGS order)."""
     if not isinstance(text, str):
         raise ValueError(f"generated text must be a str, got {type(text).__name__}")
-    guard = StreamGuard(shown)
+    guard = StreamGuard(shown, false_claims)
     cleaned = guard.feed(text) + guard.close()
     return cleaned, guard.flags

@@ -295,6 +295,16 @@ _CLINICIAN = (r"(doctor|physician|nurse|pharmacist|\bgp\b|psychiatrist|clinician
               r"|medical (professional|practitioner|doctor)|health ?care (professional|provider)|paediatrician"
               r"|pediatrician|cardiologist|oncologist|neurologist|gynaecologist|gynecologist|psychologist|midwife"
               r"|specialist|consultant|\bmd\b|\bdr\b)")
+# Who a claim says the model is: _CLINICIAN and the other people who treat or counsel (for the guard only: the
+# question rules keep _CLINICIAN), and the titles a signature ends in.
+_CARER = (r"(" + _CLINICIAN[1:-1] + r"|dietitian|dietician|nutritionist|therapist|psychotherapist|counsell?or|dentist"
+          r"|optometrist|physiotherapist|\bphysio|paramedic|obstetrician|\bvet|veterinarian|herbalist|homeopath"
+          r"|naturopath|chiropractor|osteopath|podiatrist|radiologist|an(a)?esthetist|\bmedic|health ?care worker"
+          r"|health worker|practitioner|registrar|prescriber|care provider)\b")
+# Not "rn": text.normalise reads it "right now" ("Call 911, right now." is no signature).
+_CREDENTIAL = (r"md|m\.d\.|mbbs|mbchb|frcp|frcs|mrcgp|pharmd|bsn|msn|dnp|np|bds|dds|dpt|rph|consultant"
+               r"|(consultant|general|family|attending) (physician|practitioner|surgeon|doctor|nurse|pharmacist)"
+               r"|family medicine|general practice")
 _RELATIVE = (r"(son|daughter|child|kid|baby|boy|girl|husband|wife|partner|mum|mom|mother|dad|father|brother|sister"
              r"|grandma|grandmother|grandad|grandfather|grandpa|friend|toddler|teen|teenager|family)")
 GUARD_RULES = {
@@ -364,21 +374,77 @@ GUARD_RULES = {
                         r"|sound like|look like)|my diagnosis|i('d| would) (say|diagnose) (you|it|this)"
                         r"|(you|it) (definitely|clearly|certainly) (is|are|has|have)\b)",),
     },
+    # A claim is the model speaking as someone who cares for the reader: saying it is one, signing as one, or acting
+    # as one on the reader ("I'll refer you", "when I saw you in clinic"). Text ABOUT clinicians ("your doctor may
+    # refer you", "I'm not a doctor") is not a claim: every rule needs the first person or a signature's shape.
     "doctor_claim_removed": {
-        "claim": (_any(r"\bi('m| am) (a |an |your )(\w+ ){0,2}" + _CLINICIAN,
-                       r"\bas (a|an|your) (\w+ ){0,2}" + _CLINICIAN + r"\b,? (i|my|we|let me|here)\b",
-                       r"\b(speaking|writing|talking|answering) as (a|an|your) (\w+ ){0,2}" + _CLINICIAN,
-                       r"\bin my (medical|clinical|professional) (opinion|experience|judgement|judgment|view)",
-                       r"\b(my|our) patients\b|\bi('ve| have) (treated|seen) (many |lots of |hundreds of )?patients",
-                       r"\bi (will |can |'ll |am going to |would )?prescrib\w*", r"\bi('m| am) (licensed|qualified"
-                       r"|board[- ]certified|registered|trained) (to|as|in)",
-                       "i('m| am) prescribing|here is (your|a) prescription|my prescription",
-                       r"\bi('m| am) (a |an |your )([\w-]+ ){0,2}" + _CLINICIAN,
-                       r"\bmy (clinical|medical) (experience|practice|training)|\btreating patients|patients like you"
-                       r"|\bwhen i (examine|see|treat) (patients|people)|\bdoctor's orders\b",
-                       r"\bhaving (trained|worked|practi[sc]ed) (in|as)\b|\bi (trained|qualified|practi[sc]ed) (in|as)"
-                       r" (a |an )?(\w+ )?(medicine|doctor|nurse|surgeon|physician)",
-                       r"(\bdr\.? \w+,? (md|m\.d\.)|, md\b|\bmd,? here\b|\bdr\.? \w+ here\b)"),),
+        "identity": (_any(r"\bi am (a |an |your |the )([\w-]+ ){0,3}" + _CARER,
+                          r"\b(i, )?as (a|an|your|the) ([\w-]+ ){0,3}" + _CARER + r"\b[^.;]{0,40}?,? (i|my|we|let me"
+                          r"|here|recommend)\b",
+                          r"\b(speaking|writing|talking|answering|say|tell you|mean) (this |that |it )?as (a|an|your"
+                          r"|the) ([\w-]+ ){0,3}" + _CARER,
+                          r"\b(take it from|think of me as|consider me|i am acting as|i will act as|i am here as) (a"
+                          r"|an|your|the|me,? (a|an|your)) ([\w-]+ ){0,2}" + _CARER,
+                          r"\bbeing (a|an) ([\w-]+ ){0,2}" + _CARER + r",? (i|my|we)\b",
+                          r"\bi (have been|work as|worked as|trained as|qualified as|practi[sc]e as) (a|an) "
+                          r"([\w-]+ ){0,2}" + _CARER,
+                          r"\b(this is|my name is|i am|meet) (dr|doctor|nurse)\b",
+                          r"^\W*(your|the) ([\w-]+ ){0,2}" + _CARER + r",? (here|that is me)\b|, that is me\b"),),
+        "training": (_any(r"\bin my (medical|clinical|professional) (opinion|experience|judgement|judgment|view)",
+                          r"\bmy (own )?(clinical|medical|nursing) (experience|practice|training|degree|background"
+                          r"|licen[cs]e)",
+                          r"\bi am (licensed|qualified|board[- ]certified|registered|medically (trained|qualified)"
+                          r"|fully qualified)\b(?! to (give|provide|offer|answer|help))",
+                          r"\bi am trained (as|in) (a |an )?(\w+ )?(medicine|nurs\w*|doctor|surgeon|physician"
+                          r"|pharmacy)",
+                          r"\bi hold a licen[cs]e to practi[sc]e",
+                          r"\bi have been practi[sc]ing (medicine|nursing|as|for)",
+                          r"\bhaving (trained|worked|practi[sc]ed) (in|as)\b"
+                          r"|\bi (trained|qualified|practi[sc]ed) (in|as) (a |an )?(\w+ )?(medicine|doctor|nurse"
+                          r"|surgeon|physician)",
+                          r"\bwhen i did my (residency|training|rotation|internship|house job|placement)"),),
+        "practice": (_any(r"\b(my|our) patients\b|\bpatients like you|\bif you were my patient|\bpatients (ask"
+                          r"|tell|come to|see) me\b|\ba patient (that |whom )?i (treated|saw|had|looked after)",
+                          r"\b(i|as someone who) (have |has |had )?(treated|helped|diagnosed|examined|cared for"
+                          r"|operated on) [^.;]{0,30}\b(patients|people|cases|rashes|like yours)\b|\bi have (treated"
+                          r"|seen) (many |lots of |hundreds of )?patients|\btreating patients\b"
+                          r"|\bwhen i (examine|see|treat) (patients|people)",
+                          r"\b(in|into|to|at) my (practice|clinic|surgery|consulting room|ward)\b|\bmy (clinic|surgery"
+                          r"|practice) is\b|\b(during|on) my (ward )?rounds\b|\bdoctor's orders\b",
+                          r"\b(appointment|check-?up|consultation|visit|session) with me\b|\bour (next )?(appointment"
+                          r"|consultation|session|visit)\b|\bwelcome to (your|the|our|my) (consultation|appointment"
+                          r"|clinic|surgery)\b",
+                          r"\b(come back|come in|pop in|drop in|come) (and |to )?see me\b|\bsee me (again|in|next|at)\b"
+                          r"|\bresults (came|come|were sent) (back )?to me\b"),),
+        # the first person acting on the reader as their clinician; "i can't/cannot/am not able to" never matches
+        "clinical_act": (_any(r"\bi (will |would |can |could |am going to |am |have |just |personally |already |also )*"
+                              r"(prescrib\w*|refer(red|ring)? you|examin(e|ed|ing) (you|your)\b|order(ed|ing)? (some "
+                              r"|a |an |your |the )?([\w-]+ )?(tests?|scans?|x-rays?|mri|ct|bloods)|book(ed|ing)? you"
+                              r"|sign(ed|ing)?"
+                              r" (you off|the form|your (\w+ )?(form|note|certificate|prescription)|a (\w+ )?(form|note"
+                              r"|certificate|prescription))|renew(ed|ing)? your|discharg\w* you|authori[sz]\w* (a|your)"
+                              r"|stitch|give you (the|an|a|your) (injection|jab|shot|vaccine)|do your (jabs|injection"
+                              r"|bloods)|writ(e|ing) you (a|an) (\w+ )?(note|prescription|letter|referral|certificate)"
+                              r"|call you with|monitor\w* your|diagnos\w*|check(ed|ing)? your (blood|pulse|temperature"
+                              r"|chest|ears?|throat|eyes?|heart|lungs|skin|weight|reflexes|results?|bloods|levels|wound"
+                              r"|stitches)|listened to your|take a (look at (it|that|your|you)|swab)|took (a swab|your)"
+                              r"|review(ed|ing)? your (scans?|results?|x-rays?|notes|records?|bloods|tests?|case"
+                              r"|history|medication|chart)|send(ing)? your (prescription|referral|results?|samples?"
+                              r"|bloods|notes)"
+                              r"|(increas|decreas|chang|reduc)\w* your (dose|medication|tablets)|add(ed)? (this|it) to"
+                              r" your|call(ed)? in a prescription|see (from|in) your (notes|records?|chart)|see you (at"
+                              r"|in|for) (your|the|clinic|surgery|my|our|a|next)\b|see you next\b|signing you off"
+                              r"|admit(ting)? you|keep(ing)? you in (overnight|hospital|for))",
+                              r"\blet me (examine|check|look at|listen to|feel|take) (your|you)\b|\b(after|when|on)"
+                              r" examining you\b|\bon examination\b|\bwhen i (saw|examined|met|treated) you\b",
+                              r"i am prescribing|here is (your|a) prescription"
+                              r"|(my|this) prescription\b(?! (medicines?|drugs?|medications?))|^\W*rx ?:"),),
+        # a letter's signature: a sign-off, a dash and a title, or a name ending in a clinician's title
+        "signature": (_any(r"^\W*(best wishes|kind regards|warm regards|warmest regards|regards|yours sincerely|yours"
+                           r" faithfully|yours truly|sincerely|signed|with best wishes|best),",
+                           r"^\W*[\u2014\u2013]\s*(dr|doctor|nurse|your)\b",
+                           r"^[a-z .'-]{2,40}(, [a-z .'-]{1,30}){0,3}, (" + _CREDENTIAL + r")\.?$",
+                           r"(\bdr\.? \w+,? (md|m\.d\.)|, md\b|\bmd,? here\b|\bdr\.? \w+ here\b)"),),
     },
     # A small model invents phone numbers and e-mail addresses (MedQuAD's answers end with NIH contact lines); a
     # reader could call a wrong number instead of a real service. Numbers: guard.invented_phone (libphonenumber);
