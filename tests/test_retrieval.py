@@ -261,13 +261,14 @@ def test_an_answer_given_no_passage_never_says_it_found_one():
     from medassist.generate import false_claims
 
     text = ('The source I found answers another question ("What is gout?"), not this one. It says: Gout is a kind '
-            'of arthritis. Resting the joint helps.')
+            'of arthritis. It builds up in joints.\n\nResting the joint helps.')
     screening = safety.screen_question("What causes gout?")
     source = [{"title": "What is gout?", "source": "", "url": "", "score": 9.0}]
     assert safety.compose(screening, text, false_claims(source))["answer"] == text  # it was given that passage
     for sources in ([], None):  # nothing relevant retrieved, or no index at all
+        # the claim's paragraph goes whole: what "it says" was said by no passage
         assert safety.compose(screening, text, false_claims(sources))["answer"] == "Resting the joint helps."
         guard = safety.stream_guard(screening, false_claims(sources))
         words = text.split(" ")
         streamed = [guard.feed(w + " ") for w in words[:-1]] + [guard.feed(words[-1]), guard.close()]
-        assert "".join(streamed) == "Resting the joint helps."  # while streaming too, sentence by sentence
+        assert "".join(streamed).strip() == "Resting the joint helps."  # while streaming too, sentence by sentence

@@ -603,6 +603,15 @@ GUARD_KEEPS_TOO = [
     "I can't examine you or diagnose you.",
     "Call 911, right now.",
     "Dr. Alzheimer first described the disease in 1906.",
+    "On examination, the doctor may find swollen lymph nodes in the neck.",
+    "A doctor may feel for swelling when examining you.",
+    "If you are unsure about this prescription, ask the pharmacist who dispensed it.",
+    "See a health professional, such as a GP, who can recommend treatment.",
+    "Let me take you through the main symptoms.",
+    "I am an AI not a doctor, so please see one.",
+    "This is nurse-led care in most clinics.",
+    "Type I diabetes is diagnosed with a blood test.",
+    "Doctors treating patients with lupus check their kidneys.",
 ]
 
 

@@ -1,7 +1,8 @@
 """The output guard: generated text is shown sentence by sentence, and a sentence that gives the reader a dose,
 diagnoses the reader, claims to be a clinician, or carries an invented phone number or e-mail address is removed.
 A sentence that repeats a line the code adds itself (the escalation, the closing lines, the disclaimer) is dropped
-too, so the reader sees it once."""
+too, so the reader sees it once, and so is a paragraph that opens with a claim the code knows to be untrue in this
+answer (`false_claims`: a source found, when none was given)."""
 import re
 from functools import lru_cache
 
@@ -87,15 +88,16 @@ class StreamGuard:
     # contains a line break; that whitespace is complete once a non-space character follows.
     _SPACE = re.compile(r"\s+")
     _END = re.compile(r"[.!?][\"')\]]*\Z")
-    # A title's full stop ends no sentence: "Dr. Patel" stays one sentence, so a signature is read whole.
-    _TITLE = re.compile(r"\b(dr|mr|mrs|ms|prof|st)\.\Z", re.IGNORECASE)
+    # A title's full stop before a name ends no sentence: "Dr. Patel" stays one sentence, so a signature is read
+    # whole. Case-sensitive: "in MS. It ..." and "120 ms. Then ..." do end one.
+    _TITLE = re.compile(r"\b(Dr|Mr|Mrs|Ms|Prof|St)\.\Z")
 
     def __init__(self, shown: tuple[str, ...] = (), false_claims: tuple[str, ...] = ()) -> None:
         """shown: lines the code adds to this answer (escalation, closing lines): a model sentence that repeats one
         is dropped, so the reader sees it once. The disclaimer is always one of them. false_claims: openings of
         sentences the code knows to be untrue in this answer (a source found, when none was given): dropped."""
         self._buf, self._scan, self._sep, self._started, self._fired = "", 0, "", False, set()
-        self._false = tuple(normalise(c) for c in false_claims)
+        self._false, self._dropping = tuple(normalise(c) for c in false_claims), False
         self._fixed = [_words(s) for line in (DISCLAIMER, *shown) for s in _sentences(line)]
 
     @property
@@ -106,7 +108,10 @@ class StreamGuard:
     def _emit(self, sentence: str, sep: str) -> str:
         sentence = sentence.strip()
         flags = sentence_flags(sentence) if sentence else ()
-        if flags or not sentence or _repeats(sentence, self._fixed) or normalise(sentence).startswith(self._false):
+        # after a false claim, the rest of its paragraph goes too ("It says: <what no passage said>. <more>.")
+        false = self._dropping or (bool(sentence) and normalise(sentence).startswith(self._false))
+        self._dropping = false and "\n" not in sep
+        if flags or not sentence or _repeats(sentence, self._fixed) or false:
             self._fired.update(flags)
             # A dropped sentence's two separators merge; keep the stronger break.
             self._sep = max(self._sep, sep, key=lambda s: s.count("\n"))
@@ -127,7 +132,8 @@ class StreamGuard:
                 break
             space = m.group()
             window = (max(start, m.start() - 12), m.start())
-            if "\n" in space or (self._END.search(self._buf, *window) and not self._TITLE.search(self._buf, *window)):
+            named = self._TITLE.search(self._buf, *window) and self._buf[m.end()].isupper()
+            if "\n" in space or (self._END.search(self._buf, *window) and not named):
                 out.append(self._emit(self._buf[start:m.start()], space[space.find("\n"):] if "\n" in space else space))
                 start = m.end()
         self._buf = self._buf[start:]

@@ -305,6 +305,8 @@ _CARER = (r"(" + _CLINICIAN[1:-1] + r"|dietitian|dietician|nutritionist|therapis
 _CREDENTIAL = (r"md|m\.d\.|mbbs|mbchb|frcp|frcs|mrcgp|pharmd|bsn|msn|dnp|np|bds|dds|dpt|rph|consultant"
                r"|(consultant|general|family|attending) (physician|practitioner|surgeon|doctor|nurse|pharmacist)"
                r"|family medicine|general practice")
+# "i" as the subject, not a numeral ("type I diabetes", "stage I").
+_FIRST_PERSON = r"(?<!type )(?<!stage )(?<!grade )(?<!class )(?<!phase )(?<!part )\bi"
 _RELATIVE = (r"(son|daughter|child|kid|baby|boy|girl|husband|wife|partner|mum|mom|mother|dad|father|brother|sister"
              r"|grandma|grandmother|grandad|grandfather|grandpa|friend|toddler|teen|teenager|family)")
 GUARD_RULES = {
@@ -376,11 +378,12 @@ GUARD_RULES = {
     },
     # A claim is the model speaking as someone who cares for the reader: saying it is one, signing as one, or acting
     # as one on the reader ("I'll refer you", "when I saw you in clinic"). Text ABOUT clinicians ("your doctor may
-    # refer you", "I'm not a doctor") is not a claim: every rule needs the first person or a signature's shape.
+    # refer you", "I'm not a doctor") is not a claim: every rule needs the first person, a signature's shape, or an
+    # examination's finding on the reader ("On examination, your abdomen is soft").
     "doctor_claim_removed": {
-        "identity": (_any(r"\bi am (a |an |your |the )([\w-]+ ){0,3}" + _CARER,
-                          r"\b(i, )?as (a|an|your|the) ([\w-]+ ){0,3}" + _CARER + r"\b[^.;]{0,40}?,? (i|my|we|let me"
-                          r"|here|recommend)\b",
+        "identity": (_any(r"\bi am (a |an |your |the )((?!not\b)[\w-]+ ){0,3}" + _CARER,
+                          r"(?<!such )(?<!just )\b(i, )?as (a|an|your|the) ([\w-]+ ){0,2}" + _CARER + r"\b[^.;]{0,40}?"
+                          r",? (i|my|we|let me|here)\b", r"\bi, as (a|an|your|the) ([\w-]+ ){0,2}" + _CARER,
                           r"\b(speaking|writing|talking|answering|say|tell you|mean) (this |that |it )?as (a|an|your"
                           r"|the) ([\w-]+ ){0,3}" + _CARER,
                           r"\b(take it from|think of me as|consider me|i am acting as|i will act as|i am here as) (a"
@@ -388,8 +391,8 @@ GUARD_RULES = {
                           r"\bbeing (a|an) ([\w-]+ ){0,2}" + _CARER + r",? (i|my|we)\b",
                           r"\bi (have been|work as|worked as|trained as|qualified as|practi[sc]e as) (a|an) "
                           r"([\w-]+ ){0,2}" + _CARER,
-                          r"\b(this is|my name is|i am|meet) (dr|doctor|nurse)\b",
-                          r"^\W*(your|the) ([\w-]+ ){0,2}" + _CARER + r",? (here|that is me)\b|, that is me\b"),),
+                          r"\b(this is|my name is|i am|meet) (dr|doctor|nurse)\b(?!-)",
+                          r"^\W*your ([\w-]+ ){0,2}" + _CARER + r",? here\b|, that is me\b"),),
         "training": (_any(r"\bin my (medical|clinical|professional) (opinion|experience|judgement|judgment|view)",
                           r"\bmy (own )?(clinical|medical|nursing) (experience|practice|training|degree|background"
                           r"|licen[cs]e)",
@@ -407,17 +410,21 @@ GUARD_RULES = {
                           r"|tell|come to|see) me\b|\ba patient (that |whom )?i (treated|saw|had|looked after)",
                           r"\b(i|as someone who) (have |has |had )?(treated|helped|diagnosed|examined|cared for"
                           r"|operated on) [^.;]{0,30}\b(patients|people|cases|rashes|like yours)\b|\bi have (treated"
-                          r"|seen) (many |lots of |hundreds of )?patients|\btreating patients\b"
+                          r"|seen) (many |lots of |hundreds of )?patients|\bi (am |have been )?treating patients\b"
+                          r"|\bmy (\w+ ){0,2}(treating|seeing|caring for) patients\b"
                           r"|\bwhen i (examine|see|treat) (patients|people)",
                           r"\b(in|into|to|at) my (practice|clinic|surgery|consulting room|ward)\b|\bmy (clinic|surgery"
                           r"|practice) is\b|\b(during|on) my (ward )?rounds\b|\bdoctor's orders\b",
-                          r"\b(appointment|check-?up|consultation|visit|session) with me\b|\bour (next )?(appointment"
-                          r"|consultation|session|visit)\b|\bwelcome to (your|the|our|my) (consultation|appointment"
+                          r"\b(appointment|check-?up|consultation|visit|session) with me\b|\b(at|in|during|before"
+                          r"|after) our (next |last |first |follow-up )?(appointment|consultation|session|visit)\b"
+                          r"|\bour next (appointment|consultation|session|visit)\b"
+                          r"|\bwelcome to (your|the|our|my) (consultation|appointment"
                           r"|clinic|surgery)\b",
                           r"\b(come back|come in|pop in|drop in|come) (and |to )?see me\b|\bsee me (again|in|next|at)\b"
                           r"|\bresults (came|come|were sent) (back )?to me\b"),),
         # the first person acting on the reader as their clinician; "i can't/cannot/am not able to" never matches
-        "clinical_act": (_any(r"\bi (will |would |can |could |am going to |am |have |just |personally |already |also )*"
+        "clinical_act": (_any(_FIRST_PERSON + r" (will |would |can |could |am going to |am |have |just |personally "
+                              r"|already |also )*"
                               r"(prescrib\w*|refer(red|ring)? you|examin(e|ed|ing) (you|your)\b|order(ed|ing)? (some "
                               r"|a |an |your |the )?([\w-]+ )?(tests?|scans?|x-rays?|mri|ct|bloods)|book(ed|ing)? you"
                               r"|sign(ed|ing)?"
@@ -435,14 +442,18 @@ GUARD_RULES = {
                               r" your|call(ed)? in a prescription|see (from|in) your (notes|records?|chart)|see you (at"
                               r"|in|for) (your|the|clinic|surgery|my|our|a|next)\b|see you next\b|signing you off"
                               r"|admit(ting)? you|keep(ing)? you in (overnight|hospital|for))",
-                              r"\blet me (examine|check|look at|listen to|feel|take) (your|you)\b|\b(after|when|on)"
-                              r" examining you\b|\bon examination\b|\bwhen i (saw|examined|met|treated) you\b",
-                              r"i am prescribing|here is (your|a) prescription"
-                              r"|(my|this) prescription\b(?! (medicines?|drugs?|medications?))|^\W*rx ?:"),),
+                              r"\blet me (examine|check) you\b|\blet me (examine|check|look at|listen to|feel) your"
+                              r" (chest|throat|ears?|eyes?|skin|heart|lungs|rash|mole|wound|stitches|blood pressure"
+                              r"|pulse|tummy|abdomen|stomach|back|neck|leg|arm|foot|knee|ankle|wrist|mouth|glands)\b"
+                              r"|\bwhen i (saw|examined|met|treated) you\b",
+                              r"i am prescribing|here is (your|a|this) prescription|\bmy prescription\b"
+                              r"|\btake this prescription to\b|^\W*rx ?:"),),
+        "examined_reader": (r"\b(after|when|on) examining you\b", r"\b(i|my|me)\b"),
+        "examination_found": (r"\bon examination,? your (\w+ )?(is|are|was|were|looks?|seems?|feels?|sounds?)\b",),
         # a letter's signature: a sign-off, a dash and a title, or a name ending in a clinician's title
         "signature": (_any(r"^\W*(best wishes|kind regards|warm regards|warmest regards|regards|yours sincerely|yours"
-                           r" faithfully|yours truly|sincerely|signed|with best wishes|best),",
-                           r"^\W*[\u2014\u2013]\s*(dr|doctor|nurse|your)\b",
+                           r" faithfully|yours truly|sincerely|signed|with best wishes),",
+                           r"^\W*[\u2014\u2013]\s*(dr|doctor|nurse)\b[^!?]{0,60}$",
                            r"^[a-z .'-]{2,40}(, [a-z .'-]{1,30}){0,3}, (" + _CREDENTIAL + r")\.?$",
                            r"(\bdr\.? \w+,? (md|m\.d\.)|, md\b|\bmd,? here\b|\bdr\.? \w+ here\b)"),),
     },
