@@ -158,8 +158,9 @@ def grounded_output(record: dict, hit: dict) -> str:
     if answers(record, hit):
         return text
     from medassist.prompts import RELATED_ONLY
+    from medassist.retrieval import SENTENCE_END
 
-    sentences = re.split(r"(?<=[.!?])\s+", text)
+    sentences = SENTENCE_END.split(text)
     return RELATED_ONLY.format(title=hit["title"].strip(), opening=" ".join(sentences[:OPENING_SENTENCES]))
 
 

@@ -25,7 +25,7 @@ from medassist.callbacks import SampleAnswers, markdown  # noqa: F401 (run confi
 from medassist import safety
 from medassist.data import collate, messages_of, read_records, tokenize_records
 from medassist.generate import answer_batch, load_for_generation, read_adapter_meta
-from medassist.retrieval import doc_of, relevant_passages
+from medassist.retrieval import SENTENCE_END, doc_of, relevant_passages
 from medassist.sampling import Sampling
 
 SAMPLES_SHOWN = 5  # answers per model written as TensorBoard text
@@ -85,7 +85,7 @@ def groundedness(answer: str, passages: list[str]) -> float | None:
     words in the passages (None: no sentence with content words). A token-overlap measure: it sees copying, not
     paraphrase or truth."""
     known = content_words(" ".join(passages))
-    sentences = [content_words(s) for s in re.split(r"(?<=[.!?])\s+", safety.unrender(answer))]
+    sentences = [content_words(s) for s in SENTENCE_END.split(safety.unrender(answer))]
     sentences = [s for s in sentences if s]
     return sum(len(s & known) >= len(s) / 2 for s in sentences) / len(sentences) if sentences else None
 

@@ -8,13 +8,12 @@ files gives the same bytes. Searching is medassist/retrieval.py (the answer side
 """
 import argparse
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 from medassist import UserError
 from medassist.files import atomic_dir
-from medassist.retrieval import FORMAT, INDEX_FILE, LANGUAGE, PASSAGES_FILE, doc_of, tokenize
+from medassist.retrieval import FORMAT, INDEX_FILE, LANGUAGE, PASSAGES_FILE, SENTENCE_END, doc_of, tokenize
 
 PASSAGE_WORDS = 160  # ~220 gemma tokens: one passage and a question fit a 384-token training example
 
@@ -22,7 +21,7 @@ PASSAGE_WORDS = 160  # ~220 gemma tokens: one passage and a question fit a 384-t
 def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
     """`text` in pieces of at most `words` words: its sentences (and lines) packed in order, a sentence longer than
     `words` cut between words."""
-    units = [u.split() for line in text.splitlines() for u in re.split(r"(?<=[.!?])\s+", line.strip()) if u]
+    units = [u.split() for line in text.splitlines() for u in SENTENCE_END.split(line.strip()) if u]
     pieces, current = [], []  # current: the words of the piece being filled
     for unit in units:
         for start in range(0, len(unit), words):  # a single over-long sentence is cut between words

@@ -7,6 +7,7 @@ BM25 scores. The answer path (generate.py, the server) puts the passages above t
 """
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ FORMAT = 1
 # Questions and passages are tokenized the same way: lower-cased words of 2+ letters, English stop words out, Snowball
 # stems (PyStemmer), so "symptoms" finds "symptom".
 LANGUAGE = "english"
+# Where a sentence ends, for passages and answers alike: after . ! or ? and the space that follows.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # BM25 finds the right document but often another of its questions first ("What is X?" for "What are the symptoms
 # of X?"). The best few are re-ranked by how much of the question their heading question shares (word-set Jaccard,
 # stems): question-to-question similarity, as the MedQuAD paper retrieves by question entailment. Chosen on 2,000

@@ -109,7 +109,7 @@ class StreamGuard:
         sentence = sentence.strip()
         flags = sentence_flags(sentence) if sentence else ()
         # after a false claim, the rest of its paragraph goes too ("It says: <what no passage said>. <more>.")
-        false = self._dropping or (bool(sentence) and normalise(sentence).startswith(self._false))
+        false = self._dropping or bool(self._false and sentence and normalise(sentence).startswith(self._false))
         self._dropping = false and "\n" not in sep
         if flags or not sentence or _repeats(sentence, self._fixed) or false:
             self._fired.update(flags)
