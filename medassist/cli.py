@@ -7,6 +7,7 @@ model given once, `--ckpt_path last` meaning "the newest run of this name", chec
 the strategy before training, and checkpoint files written atomically.
 """
 
+import json
 import logging
 import shutil
 import signal
@@ -25,6 +26,10 @@ from medassist.model import MedAssistLM
 log = logging.getLogger("medassist")
 
 MIN_FREE_BYTES = 512 * 2**20  # checkpoints of an adapter + optimizer state are tens of MB; leave room for many
+TRACKERS_FILE = "trackers.json"  # in the TensorBoard run directory: the MLflow/W&B run ids a resume continues
+# The init argument of each tracker's logger that names the run to continue (W&B's logger already passes
+# resume="allow" to wandb.init).
+TRACKER_RUN_ARGS = {"MLFlowLogger": "run_id", "WandbLogger": "id"}
 
 
 class MedAssistCLI(LightningCLI):
@@ -61,6 +66,7 @@ class MedAssistCLI(LightningCLI):
         config.ckpt_path = str(found[-1])
         args.version = found[-1].parent.parent.name
         log.info("resuming from %s", config.ckpt_path)
+        resume_trackers(config.trainer.get("logger"), found[-1].parent.parent / TRACKERS_FILE)
 
     def predict(self, model, datamodule, ckpt_path=None, **kwargs):
         """Lightning's predict loop, then the answer records written to data.predict_output as JSONL."""
@@ -75,6 +81,35 @@ class MedAssistCLI(LightningCLI):
         # Only the writer checks: other ranks would race on the probe file and create a stray version_N directory.
         if self.trainer.is_global_zero:
             check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+            save_tracker_runs(self.trainer)
+
+
+def _tracker_kind(logger) -> str | None:
+    """MLFlowLogger / WandbLogger for a logger or its config entry; None for TensorBoard and the rest."""
+    name = str(getattr(logger, "class_path", type(logger).__name__)).rsplit(".", 1)[-1]
+    return name if name in TRACKER_RUN_ARGS else None
+
+
+def resume_trackers(loggers, saved: Path) -> None:
+    """Point the MLflow and W&B loggers of a resumed fit at the runs the first fit logged to, so their curves
+    continue in one run as TensorBoard's do, instead of starting a new run at the resumed step. A run id the user
+    gave in the config wins."""
+    if not isinstance(loggers, list) or not saved.is_file():
+        return
+    runs = json.loads(saved.read_text(encoding="utf-8"))
+    for logger in loggers:
+        kind = _tracker_kind(logger)
+        if kind in runs and getattr(logger.init_args, TRACKER_RUN_ARGS[kind], None) is None:
+            setattr(logger.init_args, TRACKER_RUN_ARGS[kind], runs[kind])
+            log.info("continuing the %s run %s", kind.removesuffix("Logger"), runs[kind])
+
+
+def save_tracker_runs(trainer) -> None:
+    """The tracker runs of this fit, beside its checkpoints, for resume_trackers."""
+    runs = {kind: str(logger.run_id if kind == "MLFlowLogger" else logger.experiment.id)
+            for logger in trainer.loggers if (kind := _tracker_kind(logger))}
+    if runs and trainer.log_dir:
+        (Path(trainer.log_dir) / TRACKERS_FILE).write_text(json.dumps(runs) + "\n", encoding="utf-8")
 
 
 def check_strategy(config) -> None:

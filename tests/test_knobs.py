@@ -1,6 +1,7 @@
 """The usual knobs, from the config to the model: DoRA, rsLoRA, peft's initialisations, NEFTune, and experiment
 tracking with MLflow and W&B beside TensorBoard (configs/mlflow.yaml, configs/wandb.yaml)."""
 
+import json
 import math
 from pathlib import Path
 
@@ -163,10 +164,12 @@ def test_fit_logs_to_tensorboard_mlflow_and_wandb_offline_at_once(tiny_model_dir
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
     configs = [a for name in ("lora", "mlflow", "wandb") for a in ("--config", str(ROOT / "configs" / f"{name}.yaml"))]
+    # only last.ckpt (for the resume below), not the sample answers
+    configs += ["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                                       '"init_args": {"save_last": true, "save_top_k": 0}}]']
     main(["fit", *configs, "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
           "--model.precision", "fp32", "--data.train_file", "train.jsonl", "--data.val_file", "val.jsonl",
-          "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-          "--trainer.callbacks", "[]"])
+          "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"])
     wandb.finish()  # a CLI process finishes its W&B run at exit; this one goes on
     run_dir = tmp_path / "checkpoints" / "lora" / "version_0"  # TensorBoard, first, still names the run directory
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "lora_adapter" / "adapter_config.json").exists()
@@ -180,6 +183,22 @@ def test_fit_logs_to_tensorboard_mlflow_and_wandb_offline_at_once(tiny_model_dir
 
     (offline,) = (tmp_path / "checkpoints" / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb"))  # `wandb sync` uploads this file later
+    runs = json.loads((run_dir / "trackers.json").read_text())
+    assert runs == {"MLFlowLogger": run.info.run_id, "WandbLogger": offline.name.rsplit("-", 1)[1]}
+
+    # resumed: TensorBoard, MLflow and W&B all continue the runs they had, from the next step
+    main(["fit", *configs, "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
+          "--model.precision", "fp32", "--data.train_file", "train.jsonl", "--data.val_file", "val.jsonl",
+          "--data.batch_size", "4", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+          "--ckpt_path", "last"])
+    wandb.finish()
+    assert not (run_dir.parent / "version_1").exists()
+    (again,) = client.search_runs([client.get_experiment_by_name("medassist").experiment_id])
+    assert again.info.run_id == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    # each W&B process writes its own offline folder; both carry the first run's id, so `wandb sync` joins them
+    assert {d.name.rsplit("-", 1)[1] for d in (tmp_path / "checkpoints" / "wandb").glob("offline-run-*")} \
+        == {runs["WandbLogger"]}
 
 
 def test_ckpt_path_last_finds_the_tensorboard_run_when_a_tracker_is_layered_on(tmp_path):
