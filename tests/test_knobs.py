@@ -167,9 +167,10 @@ def test_fit_logs_to_tensorboard_mlflow_and_wandb_offline_at_once(tiny_model_dir
     # only last.ckpt (for the resume below), not the sample answers
     configs += ["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
                                        '"init_args": {"save_last": true, "save_top_k": 0}}]']
-    main(["fit", *configs, "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
-          "--model.precision", "fp32", "--data.train_file", "train.jsonl", "--data.val_file", "val.jsonl",
-          "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"])
+    fit = ["fit", *configs, "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
+           "--model.precision", "fp32", "--data.train_file", "train.jsonl", "--data.val_file", "val.jsonl",
+           "--data.batch_size", "4", "--trainer.log_every_n_steps", "1"]
+    main([*fit, "--trainer.max_epochs", "1"])
     wandb.finish()  # a CLI process finishes its W&B run at exit; this one goes on
     run_dir = tmp_path / "checkpoints" / "lora" / "version_0"  # TensorBoard, first, still names the run directory
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "lora_adapter" / "adapter_config.json").exists()
@@ -187,10 +188,7 @@ def test_fit_logs_to_tensorboard_mlflow_and_wandb_offline_at_once(tiny_model_dir
     assert runs == {"MLFlowLogger": run.info.run_id, "WandbLogger": offline.name.rsplit("-", 1)[1]}
 
     # resumed: TensorBoard, MLflow and W&B all continue the runs they had, from the next step
-    main(["fit", *configs, "--model.base_model", str(tiny_model_dir), "--model.quantization", "none",
-          "--model.precision", "fp32", "--data.train_file", "train.jsonl", "--data.val_file", "val.jsonl",
-          "--data.batch_size", "4", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-          "--ckpt_path", "last"])
+    main([*fit, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     wandb.finish()
     assert not (run_dir.parent / "version_1").exists()
     (again,) = client.search_runs([client.get_experiment_by_name("medassist").experiment_id])
