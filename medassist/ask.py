@@ -13,7 +13,7 @@ import sys
 from medassist import UserError, retrieval, safety
 from medassist.files import write_jsonl_atomic
 from medassist.records import error_record, read_questions
-from medassist.sampling import Sampling
+from medassist.sampling import Sampling, add_decode_weights_argument
 
 
 def parse_args(argv=None):
@@ -31,6 +31,7 @@ def parse_args(argv=None):
                                    "sources")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --input")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_decode_weights_argument(p)
     p.add_argument("--allow-template-mismatch", action="store_true")
     defaults = Sampling()
     for name, value in vars(defaults).items():
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     from medassist.generate import Assistant  # torch and transformers: only once the input is known to be good
 
     assistant = Assistant(args.adapter, args.base_model, args.precision, sampling, args.allow_template_mismatch,
-                          index)
+                          index, args.decode_weights)
     if args.input:
         return answer_file(assistant, args)
     if args.question is None:

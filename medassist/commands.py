@@ -20,6 +20,7 @@ import sys
 from importlib import import_module
 
 from medassist import UserError
+from medassist.sampling import add_decode_weights_argument
 
 LIGHTNING = ("fit", "validate", "test", "predict")
 
@@ -54,6 +55,7 @@ def evaluate_args(argv=None):
     p.add_argument("--quantization", choices=["int8", "nf4", "none"],
                    help="base for perplexity (default: the adapter's, else int8); answers use the merged fp model")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the adapter's, else auto")
+    add_decode_weights_argument(p)
     p.add_argument("--tensorboard", metavar="RUN_DIR", help="also log the metrics to this TensorBoard directory")
     p.add_argument("--index", help="also answer from this retrieval index: retrieval accuracy, and ROUGE-L and "
                                    "groundedness with retrieval beside those without")

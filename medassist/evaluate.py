@@ -145,7 +145,8 @@ def evaluate_model(name: str, base_model: str, adapter: str | None, records: lis
     gc.collect()
     if args.max_new_tokens > 0:
         start = time.perf_counter()
-        model, tokenizer, model_name = load_for_generation(adapter, base_model, args.precision)
+        model, tokenizer, model_name = load_for_generation(adapter, base_model, args.precision,
+                                                           decode_weights=args.decode_weights)
         sampling = Sampling(max_new_tokens=args.max_new_tokens)
         result.update(generation_metrics(model, tokenizer, records, sampling, args.batch_size, model_name, adapter))
         seconds["generation"] = round(time.perf_counter() - start, 1)

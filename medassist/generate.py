@@ -22,10 +22,11 @@ import torch
 
 from medassist import UserError, safety
 from medassist.files import ADAPTER_META
+from medassist.int8_decode import quantize_for_decoding
 from medassist.prompts import SOURCE_CLAIMS, check_template, encode_conversation, stop_ids
 from medassist.records import AnswerRecord, answer_record, as_messages, context_of, error_record
 from medassist.retrieval import ground
-from medassist.sampling import Sampling  # noqa: F401 (also taken from here by model.py and evaluate.py)
+from medassist.sampling import DECODE_WEIGHTS, Sampling  # noqa: F401 (model.py, evaluate.py take Sampling here)
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +330,18 @@ def read_adapter_meta(adapter: str | Path) -> dict:
 
 
 def load_for_generation(adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
-                        allow_template_mismatch: bool = False):
+                        allow_template_mismatch: bool = False, decode_weights: str = "int8"):
     """(model, tokenizer, model_name): the base in its compute dtype (not quantized), the adapter merged into it.
 
     Merging into the unquantized base (merged into int8 weights, the adapter's small update would mostly round away)
     and generating with a KV cache is faster than an unmerged int8 PeftModel, and gives the answers of base + adapter.
+    decode_weights="int8" (on CPU): decode steps multiply by an int8 copy of the merged weights (int8_decode.py),
+    "dense": by the merged weights themselves.
     """
     from medassist.loading import load_model, load_tokenizer
 
+    if decode_weights not in DECODE_WEIGHTS:
+        raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
     meta = read_adapter_meta(adapter) if adapter else {}
     base_model = base_model or meta.get("base_model") or "embedded"
     export = Path(base_model) / ADAPTER_META  # a directory written by `medassist merge` records its template too
@@ -356,6 +361,8 @@ def load_for_generation(adapter: str | None = None, base_model: str | None = Non
     # (.contiguous() is a no-op there: torch ignores the strides of size-1 dimensions; a clone resets them)
     model.get_output_embeddings().register_forward_pre_hook(
         lambda m, a: (a[0].clone(memory_format=torch.contiguous_format),))
+    if decode_weights == "int8" and device == "cpu":  # on CUDA the dense GEMMs are not what bounds decoding
+        quantize_for_decoding(model)
     model.config.use_cache = True
     model.eval()
     return model, tokenizer, base_model
@@ -366,11 +373,12 @@ class Assistant:
     conversation that ends with one."""
 
     def __init__(self, adapter: str | None = None, base_model: str | None = None, precision: str = "auto",
-                 sampling: Sampling | None = None, allow_template_mismatch: bool = False, index=None):
+                 sampling: Sampling | None = None, allow_template_mismatch: bool = False, index=None,
+                 decode_weights: str = "int8"):
         self.adapter, self.index = (str(adapter) if adapter else None), index
         self.sampling = sampling or Sampling()
         self.model, self.tokenizer, self.model_name = load_for_generation(
-            adapter, base_model, precision, allow_template_mismatch)
+            adapter, base_model, precision, allow_template_mismatch, decode_weights)
 
     def answer_batch(self, questions: list[str | list[dict]], ids: list | None = None) -> list[dict]:
         return answer_batch(self.model, self.tokenizer, questions, self.sampling, self.model_name, self.adapter, ids,

@@ -143,7 +143,7 @@ def create_raw_app(model, tokenizer, served_name: str, limits: Limits | None = N
 def raw_app(args):
     """`serve --raw`: the model (+ adapter) loaded as for answering, served raw."""
     model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
-                                                 args.allow_template_mismatch)
+                                                 args.allow_template_mismatch, args.decode_weights)
     log.warning("RAW ENGINE: /v1/completions continues any prompt text with %s%s; NO safety layer (no screen, no "
                 "guard, no disclaimer). Put `python -m medassist serve --upstream URL` in front of it; never let "
                 "people use it directly", name, f" + {args.adapter}" if args.adapter else "")

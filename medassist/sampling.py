@@ -12,3 +12,14 @@ class Sampling:
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     seed: int = 0
+
+
+# what decode steps multiply by on CPU (generate.load_for_generation): int8 copies of the weights, or the dense ones
+DECODE_WEIGHTS = ("int8", "dense")
+
+
+def add_decode_weights_argument(parser) -> None:
+    """--decode-weights, for every command that loads a model to answer (ask, serve, evaluate)."""
+    parser.add_argument("--decode-weights", default="int8", choices=DECODE_WEIGHTS,
+                        help="what decode steps multiply by on CPU: an int8 copy of the weights (default; faster, "
+                             "BENCHMARKS.md) or the dense weights")

@@ -40,7 +40,7 @@ from medassist.generate import context_length, fixed_answer, load_for_generation
 from medassist.jobs import DONE, Job, Stream, Worker
 from medassist.openai_api import (ApiError, Limits, chunk, completion, conversation, fields, parse_chat, stop_strings,
                                   usage, user_turns)
-from medassist.sampling import Sampling
+from medassist.sampling import Sampling, add_decode_weights_argument
 
 log = logging.getLogger("medassist.serve")
 
@@ -211,6 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a lora_adapter/ directory written by fit; omit to answer with the base model")
     p.add_argument("--base-model", help="base model source (default: the adapter's, else 'embedded')")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_decode_weights_argument(p)
     p.add_argument("--allow-template-mismatch", action="store_true")
     p.add_argument("--index", help="answer from a retrieval index (`python -m medassist index build`), naming the "
                                    "sources")
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
         model, tokenizer, name = upstream.connect(args)
     else:
         model, tokenizer, name = load_for_generation(args.adapter, args.base_model, args.precision,
-                                                     args.allow_template_mismatch)
+                                                     args.allow_template_mismatch, args.decode_weights)
     safety.screen_question("What is asthma?")  # loads the triage model now, not during the first request
     sampling = Sampling(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     limits = Limits(args.max_tokens_limit, args.max_body_bytes, args.max_queue)

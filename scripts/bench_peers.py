@@ -6,8 +6,9 @@ order (ours' length-grouped sampler), with the same precision, threads and optim
   tuned:     transformers.Trainer + peft, dynamic padding to a multiple of 8, the model's own loss;
   trl:       trl.SFTTrainer, pre-tokenized prompt-completion rows, completion_only_loss (its fused, chunked head);
   seed:      transformers.Trainer padded to --seq-len: the recipe medassist replaced, for reference.
-Generation peers use the adapter the medassist run wrote: ours (`load_for_generation`), `merged` (peft
-merge_and_unload, plain generate) and `seed` (PeftModel on the quantized base, unmerged).
+Generation peers use the adapter the medassist run wrote: ours (`load_for_generation`: int8 decode weights on CPU),
+`dense` (ours with decode_weights="dense"), `merged` (peft merge_and_unload, plain generate) and `seed` (PeftModel
+on the quantized base, unmerged). Besides speed, each but `seed` reports `answer_nll` on validation answers.
 """
 
 import os
@@ -269,25 +270,54 @@ def time_generation(model, tokenizer, new_tokens: int) -> dict:
         sync()
         start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
         sync()
-        return time.perf_counter() - start, time.process_time() - cpu
+        return time.perf_counter() - start, time.process_time() - cpu, out[0, ids.shape[1]:].tolist()
 
     run(4)  # warm-up
     ttft = min(run(1) for _ in range(3))
-    seconds, cpu_seconds = min(run(new_tokens) for _ in range(2))
+    seconds, cpu_seconds, generated = min(run(new_tokens) for _ in range(2))
     return dict(tokens_per_s=new_tokens / seconds, tokens_per_cpu_s=new_tokens / cpu_seconds, ttft_s=ttft[0],
                 prompt_tokens=ids.shape[1], new_tokens=new_tokens, peak_memory_mb=peak_memory_mb(),
-                loadavg=os.getloadavg())
+                loadavg=os.getloadavg(), generated=generated)
+
+
+def answer_nll(model, tokenizer, examples: int = 8, answer_tokens: int = 48) -> float:
+    """Mean NLL of the first answers of data/validation.jsonl, each answer token predicted by a decode step (one
+    position, KV cache), the path a generated token takes: int8 decoding shows here where it is on."""
+    from medassist.data import read_records, tokenize_example
+
+    total, count = 0.0, 0
+    for record in read_records(ROOT / "data" / "validation.jsonl")[:examples]:
+        row = tokenize_example(tokenizer, record, 384)
+        start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+        ids = row["input_ids"][:start + answer_tokens]
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids[:start]], device=model.device), use_cache=True, logits_to_keep=1)
+            for position in range(start, len(ids)):
+                total -= torch.log_softmax(out.logits[0, -1].float(), dim=-1)[ids[position]].item()
+                count += 1
+                out = model(input_ids=torch.tensor([[ids[position]]], device=model.device),
+                            cache=out.past_key_values, use_cache=True)
+    return total / count
+
+
+def _ours(args, decode_weights: str, how: str) -> dict:
+    from medassist.generate import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(str(Path(args.workdir) / "lora_adapter"), args.model, args.precision,
+                                              decode_weights=decode_weights)
+    return time_generation(model, tokenizer, args.new_tokens) | dict(answer_nll=answer_nll(model, tokenizer), how=how)
 
 
 def generate_medassist(args) -> dict:
-    from medassist.generate import load_for_generation
+    return _ours(args, "int8", "medassist.generate.load_for_generation: base unquantized, LoRA merged, contiguous "
+                               "head input, int8 decode weights on CPU")
 
-    model, tokenizer, _ = load_for_generation(str(Path(args.workdir) / "lora_adapter"), args.model, args.precision)
-    return time_generation(model, tokenizer, args.new_tokens) | dict(
-        how="medassist.generate.load_for_generation: base unquantized, LoRA merged, contiguous head input")
+
+def generate_dense(args) -> dict:
+    return _ours(args, "dense", "load_for_generation(decode_weights='dense')")
 
 
 def _peft_model(args, quantization: str):
@@ -303,10 +333,10 @@ def generate_merged(args) -> dict:
     """The honest peer: what peft's docs say to do for inference, in the same compute dtype, plain HF generate."""
     from medassist.loading import load_tokenizer
 
-    model = _peft_model(args, "none").merge_and_unload().eval()
+    model, tokenizer = _peft_model(args, "none").merge_and_unload().eval(), load_tokenizer(args.model)
     model.config.use_cache = True
-    return time_generation(model, load_tokenizer(args.model), args.new_tokens) | dict(
-        how="PeftModel.merge_and_unload, base unquantized, plain generate")
+    return time_generation(model, tokenizer, args.new_tokens) | dict(
+        answer_nll=answer_nll(model, tokenizer), how="PeftModel.merge_and_unload, base unquantized, plain generate")
 
 
 def generate_seed(args) -> dict:
@@ -318,4 +348,4 @@ def generate_seed(args) -> dict:
 
 
 TRAIN = {"medassist": train_medassist, "tuned": train_tuned, "trl": train_trl, "seed": train_seed}
-GENERATE = {"medassist": generate_medassist, "merged": generate_merged, "seed": generate_seed}
+GENERATE = {"medassist": generate_medassist, "dense": generate_dense, "merged": generate_merged, "seed": generate_seed}

@@ -2,15 +2,16 @@
 
     python scripts/benchmark.py [--model embedded|gemma-2b-random|DIR] [--precision auto|bf16|fp32]
         [--quantization int8|nf4|none|both] [--batch-size 4] [--seq-len 256] [--steps 6] [--warmup 2]
-        [--rounds 3] [--threads N] [--peers medassist,tuned,trl,seed] [--generate-peers medassist,merged,seed]
+        [--rounds 3] [--threads N] [--peers medassist,tuned,trl,seed] [--generate-peers medassist,dense,merged,seed]
 
 Peers (scripts/bench_peers.py): training: medassist, `tuned` (transformers.Trainer + peft, dynamic padding), `trl`
 (trl.SFTTrainer, completion_only_loss; `pip install trl`, skipped with the reason when it does not run), `seed`
-(padded to --seq-len, for reference); generation: medassist, `merged` (peft merge_and_unload + plain generate),
-`seed` (unmerged PeftModel on the quantized base). Each run is its own subprocess (peak memory is per process);
-the peers run interleaved, A B C A B C ..., for --rounds rounds, so that load changes on the machine fall on every
-peer alike, and the medians are reported (speedups: the median of the per-round ratios). The last line printed is
-one JSON object. Numbers: BENCHMARKS.md.
+(padded to --seq-len, for reference); generation: medassist (int8 decode weights on CPU), `dense` (medassist with
+dense decode weights), `merged` (peft merge_and_unload + plain generate), `seed` (unmerged PeftModel on the quantized
+base); answers are compared by their leading greedy tokens in common and by answer NLL on validation answers.
+Each run is its own subprocess (peak memory is per process); the peers run interleaved, A B C A B C ..., for
+--rounds rounds, so that load changes on the machine fall on every peer alike, and the medians are reported
+(speedups: the median of the per-round ratios). The last line printed is one JSON object. Numbers: BENCHMARKS.md.
 """
 
 import argparse
@@ -215,8 +216,18 @@ def generate_report(runs: dict) -> dict:
             report["vs"][peer] = dict(generate_speedup=paired_ratio(runs["medassist"], rounds, "tokens_per_s"),
                                       generate_speedup_cpu_time=paired_ratio(runs["medassist"], rounds,
                                                                              "tokens_per_cpu_s"),
-                                      ttft_speedup=paired_ratio(runs["medassist"], rounds, "ttft_s", inverse=True))
+                                      ttft_speedup=paired_ratio(runs["medassist"], rounds, "ttft_s", inverse=True),
+                                      **same_answers(runs["medassist"][0], rounds[0]))
     return report
+
+
+def same_answers(ours: dict, peer: dict) -> dict:
+    """How far the greedy answers agree (leading tokens in common) and the relative answer-NLL difference."""
+    common = next((i for i, (a, b) in enumerate(zip(ours["generated"], peer["generated"])) if a != b),
+                  len(ours["generated"]))
+    nll = {"answer_nll_rel_diff": (ours["answer_nll"] - peer["answer_nll"]) / peer["answer_nll"]} \
+        if peer.get("answer_nll") else {}
+    return dict(same_leading_tokens=common, **nll)
 
 
 def headline(result: dict, quant: str) -> dict:
@@ -226,6 +237,7 @@ def headline(result: dict, quant: str) -> dict:
     return dict(train_speedup=tuned.get("train_speedup"), peak_memory_ratio=tuned.get("peak_memory_ratio"),
                 loss_rel_diff=tuned.get("loss_rel_diff"), same_batches=tuned.get("same_batches"),
                 generate_speedup=gen.get("merged", {}).get("generate_speedup"),
+                answer_nll_rel_diff=gen.get("merged", {}).get("answer_nll_rel_diff"),
                 train_speedup_vs_seed=train.get("seed", {}).get("train_speedup"),
                 generate_speedup_vs_seed=gen.get("seed", {}).get("generate_speedup"),
                 **({"train_speedup_vs_trl": train["trl"]["train_speedup"]} if "trl" in train else {}),
@@ -248,7 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads (1 on a shared machine: other processes stall multi-threaded OpenMP regions)")
     p.add_argument("--peers", default="medassist,tuned,trl,seed", help="training peers (medassist always runs)")
-    p.add_argument("--generate-peers", default="medassist,merged,seed", help="generation peers; '' = none")
+    p.add_argument("--generate-peers", default="medassist,dense,merged,seed", help="generation peers; '' = none")
     p.add_argument("--tuned-sampler", default="sequential", choices=["sequential", "group_by_length"],
                    help="sequential: tuned/trl train on ours' length-grouped batches (same batches, checked); "
                         "group_by_length: transformers' own LengthGroupedSampler over the same examples")
@@ -329,8 +341,9 @@ def print_table(r: dict) -> None:
     for peer, g in r["generation"]["peers"].items():
         vs = r["generation"]["vs"].get(peer)
         print(f"generate {peer:9} {g['tokens_per_s']:6.1f} tok/s, TTFT {g['ttft_s']:.3f} s, peak "
-              f"{g['peak_memory_mb']:.0f} MB" + (f", ours is {vs['generate_speedup']:.2f}x" if vs else "")
-              + f" ({g['how']})")
+              f"{g['peak_memory_mb']:.0f} MB, answer NLL {_fmt(g.get('answer_nll'), '.4f')}"
+              + (f", ours is {vs['generate_speedup']:.2f}x, {vs['same_leading_tokens']} leading tokens in common"
+                 if vs else "") + f" ({g['how']})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ SCRIPT = Path(__file__).with_name("gguf_llamacpp.mjs")
 
 
 def ours(adapter: str, messages: list[dict], n: int) -> dict:
-    model, tokenizer, _ = load_for_generation(adapter, precision="fp32")
+    model, tokenizer, _ = load_for_generation(adapter, precision="fp32", decode_weights="dense")  # the exact merge
     ids = encode_conversation(tokenizer, messages)
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, repetition_penalty=1.0,

@@ -21,7 +21,8 @@ QUESTIONS = ["What is asthma?", "How can I lower my blood pressure at home witho
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="fp32")
+    # dense decoding: the logits are checked against a full forward pass (test_int8_decode covers int8 rows)
+    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="fp32", decode_weights="dense")
     return model, tokenizer
 
 

@@ -111,4 +111,10 @@ def test_smoke_run_reports_every_peer(tiny_model_dir, monkeypatch, capsys):
     if "trl" in peers:
         assert run["vs"]["trl"]["same_batches"]  # TRL's own collator built exactly our batches
     assert run["vs"]["tuned"]["loss_rel_diff"] < 1e-3  # same batches, same init, same loss (fp32)
+    generation = result["generation"]
+    assert set(generation["peers"]) == {"medassist", "dense", "merged", "seed"}
+    nll = {p: generation["peers"][p]["answer_nll"] for p in ("medassist", "dense", "merged")}
+    assert nll["dense"] == pytest.approx(nll["merged"], rel=1e-5)  # the same merged weights, decoded densely
+    assert 0 < abs(generation["vs"]["dense"]["answer_nll_rel_diff"]) < 0.01  # int8 decoding: close, not identical
+    assert result["answer_nll_rel_diff"] == generation["vs"]["merged"]["answer_nll_rel_diff"]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
