@@ -295,11 +295,14 @@ def answer_nll(model, tokenizer, examples: int = 8, answer_tokens: int = 48) -> 
         ids = row["input_ids"][:start + answer_tokens]
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids[:start]], device=model.device), use_cache=True, logits_to_keep=1)
-            for position in range(start, len(ids)):
-                total -= torch.log_softmax(out.logits[0, -1].float(), dim=-1)[ids[position]].item()
-                count += 1
-                out = model(input_ids=torch.tensor([[ids[position]]], device=model.device),
-                            cache=out.past_key_values, use_cache=True)
+            logits = [out.logits[0, -1]]
+            for token in ids[start:-1]:  # each answer token but the last is fed back to predict the next
+                out = model(input_ids=torch.tensor([[token]], device=model.device), cache=out.past_key_values,
+                            use_cache=True)
+                logits.append(out.logits[0, -1])
+        targets = torch.tensor(ids[start:], device=model.device)
+        total += torch.nn.functional.cross_entropy(torch.stack(logits).float(), targets, reduction="sum").item()
+        count += len(targets)
     return total / count
 
 

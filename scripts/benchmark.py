@@ -223,8 +223,7 @@ def generate_report(runs: dict) -> dict:
 
 def same_answers(ours: dict, peer: dict) -> dict:
     """How far the greedy answers agree (leading tokens in common) and the relative answer-NLL difference."""
-    common = next((i for i, (a, b) in enumerate(zip(ours["generated"], peer["generated"])) if a != b),
-                  len(ours["generated"]))
+    common = len(os.path.commonprefix([ours["generated"], peer["generated"]]))  # element-wise: lists work too
     nll = {"answer_nll_rel_diff": (ours["answer_nll"] - peer["answer_nll"]) / peer["answer_nll"]} \
         if peer.get("answer_nll") else {}
     return dict(same_leading_tokens=common, **nll)

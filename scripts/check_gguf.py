@@ -12,6 +12,7 @@ template or tokenizer mismatch: the gibberish users of other exporters report).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     messages = [{"role": "user", "content": args.question}]
     a, b = ours(args.adapter, messages, args.tokens), theirs(args.gguf, messages, args.tokens, args.llama_dir)
-    same = next((i for i, (x, y) in enumerate(zip(a["generated"], b["generated"])) if x != y),
-                min(len(a["generated"]), len(b["generated"])))
+    same = len(os.path.commonprefix([a["generated"], b["generated"]]))  # element-wise: lists work too
     print(json.dumps({"prompt_ids_equal": a["prompt"] == b["prompt"], "prompt_tokens": len(a["prompt"]),
                       "generated_ids_equal_for": same, "medassist_tokens": len(a["generated"]),
                       "llamacpp_tokens": len(b["generated"]), "medassist": a["text"], "llama.cpp": b["text"]}))

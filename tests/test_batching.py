@@ -237,3 +237,20 @@ def test_in_bf16_a_row_computes_bit_for_bit_what_it_computes_alone(tiny_model_di
     for first, second in zip(lone, rows):
         assert first.new_ids == second.new_ids
         assert all(torch.equal(a, b) for a, b in zip(seen[first], seen[second]))
+
+
+def test_int8_decode_rows_get_the_tokens_and_logits_they_get_alone(tiny_model_dir, monkeypatch):
+    """The default on CPU, int8 decode weights (tests/test_int8_decode.py): its kernel computes each row on its own,
+    so in fp32 too a row gets generate's tokens, and the same logits bits alone in the batcher and beside others."""
+    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="fp32")
+    seen = recording(monkeypatch)
+    jobs = [(prompt_ids(tokenizer, q, 1024, 30), Sampling(max_new_tokens=30)) for q in QUESTIONS[:3]]
+    lone = [alone(model, tokenizer, ids, sampling)[1] for ids, sampling in jobs]
+    batcher = Batcher(model, tokenizer, max_batch=3)
+    try:
+        (first,), _ = together(batcher, jobs[:1])
+        rows, got = together(batcher, jobs, gap=0)
+    finally:
+        batcher.close()
+    assert [ids for _, ids, _ in got] == lone
+    assert len(seen[first]) == 30 and all(torch.equal(a, b) for a, b in zip(seen[first], seen[rows[0]]))

@@ -1,17 +1,13 @@
-"""Weight-only int8 decoding (medassist/int8_decode.py): what it computes, where it applies, and that a row's answer
-does not depend on who shares its step."""
-
-import threading
+"""Weight-only int8 decoding (medassist/int8_decode.py): what it computes, where it applies, and that a row's result
+does not depend on who shares its step (the batcher with int8 rows: tests/test_batching.py)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from medassist import UserError
-from medassist.batching import Batcher
-from medassist.generate import Generation, load_for_generation, prompt_ids
+from medassist.generate import load_for_generation
 from medassist.int8_decode import Int8DecodeLinear, quantize_rows
-from medassist.sampling import Sampling
 
 
 def test_rows_are_quantized_symmetrically_with_one_scale_each():
@@ -71,34 +67,6 @@ def test_load_for_generation_quantizes_every_linear_on_cpu_and_dense_keeps_them(
 def test_an_unknown_decode_weights_fails_before_loading():
     with pytest.raises(UserError, match="decode_weights must be one of int8, dense, got 'int4'"):
         load_for_generation(None, "/nonexistent/model", decode_weights="int4")
-
-
-def test_batched_int8_rows_get_the_tokens_and_logits_they_get_alone(tiny_model_dir, monkeypatch):
-    from medassist.batching import Row
-
-    model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="fp32")
-    seen, choose = {}, Row.choose
-    monkeypatch.setattr(Row, "choose", lambda row, logits: (seen.setdefault(row, []).append(logits.clone()),
-                                                            choose(row, logits))[1])
-    questions = ["What is asthma?", "Flu?", "What are the early signs of type 2 diabetes in adults?"]
-    jobs = [(prompt_ids(tokenizer, q, 1024, 30), Sampling(max_new_tokens=30)) for q in questions]
-    lone = [finished(Generation(model, tokenizer, ids, sampling, threading.Event())) for ids, sampling in jobs]
-    batcher = Batcher(model, tokenizer, max_batch=3)
-    try:
-        first = finished(batcher.start(None, *jobs[0], threading.Event()))  # alone in the batcher
-        rows = [batcher.start(None, ids, sampling, threading.Event()) for ids, sampling in jobs]
-        rows = [finished(row) for row in rows]
-    finally:
-        batcher.close()
-    assert [row.new_ids for row in rows] == [g.new_ids for g in lone]
-    assert len(seen[first]) == 30 and all(torch.equal(a, b) for a, b in zip(seen[first], seen[rows[0]]))
-
-
-def finished(generation):
-    """A started generation (generate.Generation or a batcher row), once its text is streamed and it has ended."""
-    "".join(generation.streamer)
-    generation.join()
-    return generation
 
 
 @pytest.mark.parametrize("flag, quantized", [([], 1), (["--decode-weights", "dense"], 0)])
