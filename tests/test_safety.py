@@ -187,6 +187,34 @@ def test_talking_about_suicide_in_general_is_not_crisis(question):
     assert "crisis" not in rule_flags(question)
 
 
+# A past attempt or self-harm said to be long over, and study in any language, are not a crisis for the rules ...
+RESOLVED_OR_STUDY = [
+    "I cut myself when I was a student, that is twenty years ago and I'm happy now. Can old scars be treated?",
+    "I tried to take my own life in 2009, got help and have been fine since. Can I give blood?",
+    "i used to self harm in school but im 6 years clean. do white scars tan?",
+    "Escribo mi tesis sobre el suicidio en la adolescencia. ¿Qué dicen los estudios?",
+    "I'm a journalist: how should I report a suicide in our town?",
+    "i wanted to die of embarrassment when my phone rang in the exam lol",
+]
+# ... unless the same message says it is back or about the writer now.
+STILL_CRISES = [
+    "I cut myself when I was a student, that was years ago and I was fine, but the urges are back tonight",
+    "I tried to take my own life in 2009 and recovered, but lately I keep thinking about doing it again",
+    "Escribo mi tesis sobre el suicidio y yo también lo estoy pensando",
+    "for my essay on suicide I read a lot and i feel like i want to die too",
+]
+
+
+@pytest.mark.parametrize("question", RESOLVED_OR_STUDY)
+def test_a_resolved_past_or_a_study_is_not_a_crisis_for_the_rules(question):
+    assert "crisis" not in rule_flags(question)
+
+
+@pytest.mark.parametrize("question", STILL_CRISES)
+def test_a_return_or_the_writer_now_keeps_the_crisis_rules_on(question):
+    assert "crisis" in rule_flags(question)
+
+
 # ------------------------------------------------------------------ dosing / diagnosis / injection
 DOSING = [
     "How many mg of ibuprofen can I take?",

@@ -109,7 +109,8 @@ EMERGENCY_ALWAYS = {"infant_age_fever": (_INFANT_EXACT_AGE, _INFANT_FEVER)}
 CRISIS_RULES = {
     "suicide": (_any(r"kill(ing)? (my|him|her|them)sel(f|ves)", r"take (my|his|her) own life|suicidal",
                      "end(ing)? (it all|my life|my own life|his life|her life)",
-                     "want(s|ed)? to die|wanna die|no reason to live|wish i (was|were) dead",
+                     r"(want(s|ed)?|wanna) (to )?die\b(?! of (embar+as+|shame|laugh|bored|cringe))",
+                     "no reason to live|wish i (was|were) dead",
                      r"(feel like|thinking (of|about)|want to|going to|gonna) end(ing)? it\b(?! with)",
                      r"(don't|do not|doesn't) want to (live|be alive|be here|go on|exist|wake up)\b"
                      r"(?! (with|like|in|near|there))", "better off (if i was |if i were )?dead",
@@ -122,8 +123,31 @@ CRISIS_RULES = {
 }
 # Suicide or an emergency as a subject of study, fiction or teaching, not a person at risk now.
 STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|presentation|project|novel|story"
-         r"|book( club)?|film|movie|character|podcast|documentary|article|course|training|teacher|class|module"
-         r"|statistics|rates?|prevention|awareness|volunteer\w*|true crime|news)\b")
+         r"|book( club)?|film|movie|character|podcast\w*|documentary|article|course|training|teacher|class|module"
+         r"|statistics|rates?|prevention|awareness|volunteer\w*|true crime|news|journalis\w*|reporting|thesis"
+         r"|dissertation|memoir|nursing|media guidelines|coroners?"
+         # the same in the other languages people write in (the bare topic word matches suicidio, Suizid, ...)
+         r"|tesis|tesi|thèse|mémoire|hausarbeit|referat|studium|estudiando|estudo|enfermería|enfermagem|infermieristica"
+         r"|recherche|ricerca|investigación|pesquisa|forschung)\b")
+# A suicide attempt or self-harm that the person says is long over, with no sign it is back: the definition's
+# "self-harm now or recently" and "thoughts, plans or intent" do not cover "I self-harmed as a teenager, I'm 32 now
+# and doing great". All three must hold: a time long past, a recovery said in words, and no PRESENT_RISK (the
+# triage model still reads the message on its own).
+RESOLVED = (
+    r"\b((\d+|a|one|two|three|four|five|six|seven|eight|nine|ten|fifteen|twenty|thirty|forty|fifty|few|several|many)"
+    r" (years?|yrs?|decades?) (ago|back|clean|free)|(years|decades|ages) ago|back in (19|20)\d\d|in (19|20)\d\d"
+    r"|as a (teen(ager)?|student|young (wo)?man|kid|child)|in (high school|secondary school|uni|university|college"
+    r"|my (teens|twenties|youth))|when i was (young|younger|a teen(ager)?|a student|\d+))\b",
+    r"\b(recovered|doing (great|well|fine|good|much better)|(been|i'm|i am|feel) (well|fine|good|great|happy|stable)"
+    r"|in a good place|happ(y|ily) (now|married)|clean|stable|behind me|fully recovered|happy life|been fine)\b",
+)
+# Words of a return or of the writer's own present state: they keep the crisis rules on in a resolved past or in a
+# study framing ("for my thesis on suicide I read many cases, and honestly I am thinking about it too").
+PRESENT_RISK = (r"\b(again|coming back|came back|back now|returning|lately|recently|these days|this (week|month)"
+                r"|tonight|right now|anymore|any more|urges?|relaps\w*|(i'm|i am|been|i keep) thinking (of|about)"
+                r"|thinking about (it|doing it)|want(s)? to (die|end)"
+                r"|wanna die|plan(ning)? to|going to|gonna|struggling|i (feel|felt) like|i keep|i wish|myself too"
+                r"|me too|i too|yo también|anche io|moi aussi|ich auch|eu também|mujhe bhi)\b")
 # Animals are not human emergencies ("our dog ate a battery"); a person named beside one keeps the rules on.
 ANIMAL = (r"\b(dog|dogs|puppy|cat|cats|kitten|pet|parrot|bird|budgie|hamster|rabbit|bunny|guinea pig|horse|pony|goat"
           r"|sheep|cow|calf|pig|chicken|hen|duck|fish|tortoise|turtle|snake|lizard|ferret|rat|mouse|vet)\b")

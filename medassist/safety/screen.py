@@ -8,7 +8,7 @@ from medassist.safety import guidance
 from medassist.safety.lines import CRISIS_LINE, EMERGENCY_LINE, SCREEN_FLAGS
 from medassist.safety.rules import (ACCIDENT_CONTEXT, ANIMAL, CRISIS_RULES, DIAGNOSIS_RULES, DOSING_RULES,
                                     EDUCATIONAL, EMERGENCY_ALWAYS, EMERGENCY_RULES, HUMAN, INJECTION_RULES, NOW, PAST,
-                                    PERSONAL_NOW, STUDY)
+                                    PERSONAL_NOW, PRESENT_RISK, RESOLVED, STUDY)
 from medassist.safety.text import normalise
 
 # How many of the latest user turns a conversation is screened over: enough for "my dad has chest pain" ...
@@ -66,10 +66,13 @@ def rule_flags(question: str) -> set[str]:
     current = bool(re.search(PERSONAL_NOW, q)) or not re.search(EDUCATIONAL, q)
     past_only = bool(re.search(PAST, q)) and not re.search(NOW, q)
     animal_only = bool(re.search(ANIMAL, q)) and not re.search(HUMAN, q)
-    # Unlike emergencies, a crisis is not dismissed as past: past attempts raise present risk.
-    crisis = current and (_all(CRISIS_RULES["suicide"], q)
+    # Unlike emergencies, a crisis is not dismissed because a time is past ("last month", "again"): only a recovery
+    # said in words, long ago and with no sign of a return, is.
+    present = bool(re.search(PRESENT_RISK, q))
+    resolved = _all(RESOLVED, q) and not present
+    crisis = current and not resolved and (_all(CRISIS_RULES["suicide"], q)
                           or (_all(CRISIS_RULES["self_harm"], q) and not re.search(ACCIDENT_CONTEXT, q))
-                          or (_all(CRISIS_RULES["topic"], q) and not re.search(STUDY, q)))
+                          or (_all(CRISIS_RULES["topic"], q) and (present or not re.search(STUDY, q))))
     emergency = _fires(EMERGENCY_ALWAYS, q) or (current and not past_only and not animal_only
                                                  and _fires(EMERGENCY_RULES, q))
     fired = {"emergency": emergency, "crisis": crisis, "dosing_request": _fires(DOSING_RULES, q),
