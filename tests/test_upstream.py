@@ -272,6 +272,9 @@ def test_a_client_that_hangs_up_cancels_the_engine_request(stub, tiny_tokenizer)
         while len(stub.ended) == ended and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stub.ended[ended:] == ["cancelled"]  # the engine stopped long before its 8 s
+        # The gateway's slot is given back in its own thread just after the engine sees the hang-up: wait for it.
+        while json.loads(call(url, "GET", "/health")[2])["busy"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert json.loads(call(url, "GET", "/health")[2])["busy"] == 0
     finally:
         stub.text, stub.pause = STUB_TEXT, 0.0

@@ -118,8 +118,8 @@ def parse_args(argv=None):
     t.add_argument("--train", type=Path, nargs="+", default=None,
                    help="default: data/safety/train (triage) or data/safety/train-guard (guard)")
     t.add_argument("--dev", type=Path, nargs="+", default=None,
-                   help="default: data/safety/dev/questions.jsonl and data/safety/dev2/questions.jsonl (triage) or "
-                        "data/safety/dev/guard.jsonl (guard)")
+                   help="default: " + " ".join(map(str, triage.dev)) + " (triage) or "
+                        + " ".join(map(str, guard.dev)) + " (guard)")
     t.add_argument("--out", type=Path, default=None,
                    help="default: the package's medassist/safety/triage/ or medassist/safety/guard_model/")
     t.add_argument("--rank", type=_at_least_one, default=None, help=f"LoRA rank of the encoder's adapter (default: "

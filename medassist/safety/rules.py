@@ -127,8 +127,8 @@ STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|p
          r"|statistics|rates?|prevention|awareness|volunteer\w*|true crime|news|journalis\w*|reporting|thesis"
          r"|dissertation|memoir|nursing|media guidelines|coroners?"
          # the same in the other languages people write in (the bare topic word matches suicidio, Suizid, ...)
-         r"|tesis|tesi|thèse|mémoire|hausarbeit|referat|studium|estudiando|estudo|enfermería|enfermagem|infermieristica"
-         r"|recherche|ricerca|investigación|pesquisa|forschung)\b")
+         r"|tesis|tesi|thèse|mémoire|hausarbeit|referat|studium|estudiando|estudo|enfermería|enfermagem"
+         r"|infermieristica|recherche|ricerca|investigación|pesquisa|forschung)\b")
 # A suicide attempt or self-harm that the person says is long over, with no sign it is back: the definition's
 # "self-harm now or recently" and "thoughts, plans or intent" do not cover "I self-harmed as a teenager, I'm 32 now
 # and doing great". All three must hold: a time long past, a recovery said in words, and no PRESENT_RISK (the
@@ -147,7 +147,11 @@ PRESENT_RISK = (r"\b(again|coming back|came back|back now|returning|lately|recen
                 r"|tonight|right now|anymore|any more|urges?|relaps\w*|(i'm|i am|been|i keep) thinking (of|about)"
                 r"|thinking about (it|doing it)|want(s)? to (die|end)"
                 r"|wanna die|plan(ning)? to|going to|gonna|struggling|i (feel|felt) like|i keep|i wish|myself too"
-                r"|me too|i too|yo también|anche io|moi aussi|ich auch|eu também|mujhe bhi)\b")
+                r"|me too|i too|yo también|anche io|moi aussi|ich auch|eu também|mujhe bhi"
+                # the definition's indirect signs
+                r"|sav(e|ed|ing) (up )?(my |some |the )?(pills|tablets)|stockpil\w*"
+                r"|(writ\w+|left|leave) (my |a |some )?goodbye (letters?|notes?)"
+                r"|giving (my|all my) (things|stuff|belongings) away)\b")
 # Animals are not human emergencies ("our dog ate a battery"); a person named beside one keeps the rules on.
 ANIMAL = (r"\b(dog|dogs|puppy|cat|cats|kitten|pet|parrot|bird|budgie|hamster|rabbit|bunny|guinea pig|horse|pony|goat"
           r"|sheep|cow|calf|pig|chicken|hen|duck|fish|tortoise|turtle|snake|lizard|ferret|rat|mouse|vet)\b")

