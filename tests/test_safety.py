@@ -1,4 +1,5 @@
 """Tests for medassist.safety: question screening, answer guard, streaming guard, compose/render."""
+import datetime
 import random
 import re
 import sys
@@ -203,6 +204,8 @@ STILL_CRISES = [
     "Escribo mi tesis sobre el suicidio y yo también lo estoy pensando",
     "for my essay on suicide I read a lot and i feel like i want to die too",
     "I tried to end my life years ago and have been well since, but I've started saving up my pills",
+    # last year is recent, not long past, whatever year it is now
+    f"I tried to end my life in {datetime.date.today().year - 1} and I have been fine since",
 ]
 
 

@@ -5,6 +5,7 @@ apostrophes, contractions and texting shorthands restored by medassist.safety.te
 a labelled example to data/safety_eval.jsonl or tests/test_safety.py; the code that applies the tables does not
 change. The rules are the precise, explainable layer; the triage model (triage.py) reaches the phrasings no rule
 names."""
+import datetime
 
 
 def _any(*alternatives: str) -> str:
@@ -133,13 +134,22 @@ STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|p
 # "self-harm now or recently" and "thoughts, plans or intent" do not cover "I self-harmed as a teenager, I'm 32 now
 # and doing great". All three must hold: a time long past, a recovery said in words, and no PRESENT_RISK (the
 # triage model still reads the message on its own).
+def _years_before(gap: int) -> str:
+    """A regex for the four-digit years from 1900 to `gap` years before this one ("in 2009", not "in 2025")."""
+    last = datetime.date.today().year - gap
+    decades, rest = divmod(last, 10)
+    full = "|".join(str(d) for d in range(190, decades))
+    return rf"(({full})\d|{decades}[0-{rest}])"
+
+
 RESOLVED = (
-    r"\b((\d+|a|one|two|three|four|five|six|seven|eight|nine|ten|fifteen|twenty|thirty|forty|fifty|few|several|many)"
-    r" (years?|yrs?|decades?) (ago|back|clean|free)|(years|decades|ages) ago|back in (19|20)\d\d|in (19|20)\d\d"
+    r"\b((\d\d+|[2-9]|two|three|four|five|six|seven|eight|nine|ten|fifteen|twenty|thirty|forty|fifty|few|several"
+    r"|many) (years?|yrs?|decades?) (ago|back|clean|free)|(years|decades|ages) ago|in " + _years_before(2) +
     r"|as a (teen(ager)?|student|young (wo)?man|kid|child)|in (high school|secondary school|uni|university|college"
     r"|my (teens|twenties|youth))|when i was (young|younger|a teen(ager)?|a student|\d+))\b",
     r"\b(recovered|doing (great|well|fine|good|much better)|(been|i'm|i am|feel) (well|fine|good|great|happy|stable)"
-    r"|in a good place|happ(y|ily) (now|married)|clean|stable|behind me|fully recovered|happy life|been fine)\b",
+    r"|in a good place|happ(y|ily) (now|married)|(years?|yrs?|months?) clean|clean (for|since)|behind me|happy life"
+    r"|been fine)\b",
 )
 # Words of a return or of the writer's own present state: they keep the crisis rules on in a resolved past or in a
 # study framing ("for my thesis on suicide I read many cases, and honestly I am thinking about it too").
