@@ -224,7 +224,8 @@ def test_the_shared_cache_keeps_no_column_that_no_row_uses(tiny):
 def test_in_bf16_a_row_computes_bit_for_bit_what_it_computes_alone(tiny_model_dir, monkeypatch):
     """bf16 rounds every product: one batched attention call over padded keys rounds differently from the call a row
     gets alone, and greedy answers drift apart after a few tokens. The batcher attends row by row, so a row's logits
-    are the same bits with or without company."""
+    are the same bits with or without company here. (The tiny model's dense linears round a row alike alone and in a
+    batch; the embedded model's bf16 GEMM does not always, README "Serving": what int8 decode weights fix.)"""
     model, tokenizer, _ = load_for_generation(None, str(tiny_model_dir), precision="bf16")
     seen = recording(monkeypatch)
     jobs = [(prompt_ids(tokenizer, q, 1024, 70), Sampling(max_new_tokens=70)) for q in QUESTIONS]
