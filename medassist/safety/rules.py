@@ -130,10 +130,8 @@ STUDY = (r"\b(essay|homework|assignment|research\w*|students?|studying|lecture|p
          # the same in the other languages people write in (the bare topic word matches suicidio, Suizid, ...)
          r"|tesis|tesi|thèse|mémoire|hausarbeit|referat|studium|estudiando|estudo|enfermería|enfermagem"
          r"|infermieristica|recherche|ricerca|investigación|pesquisa|forschung)\b")
-# A suicide attempt or self-harm that the person says is long over, with no sign it is back: the definition's
-# "self-harm now or recently" and "thoughts, plans or intent" do not cover "I self-harmed as a teenager, I'm 32 now
-# and doing great". All three must hold: a time long past, a recovery said in words, and no PRESENT_RISK (the
-# triage model still reads the message on its own).
+
+
 def _years_before(gap: int) -> str:
     """A regex for the four-digit years from 1900 to `gap` years before this one ("in 2009", not "in 2025")."""
     last = datetime.date.today().year - gap
@@ -142,6 +140,10 @@ def _years_before(gap: int) -> str:
     return rf"(({full})\d|{decades}[0-{rest}])"
 
 
+# A suicide attempt or self-harm that the person says is long over, with no sign it is back: the definition's
+# "self-harm now or recently" and "thoughts, plans or intent" do not cover "I self-harmed as a teenager, I'm 32 now
+# and doing great". All three must hold: a time long past, a recovery said in words, and no PRESENT_RISK (the
+# triage model still reads the message on its own).
 RESOLVED = (
     r"\b((\d\d+|[2-9]|two|three|four|five|six|seven|eight|nine|ten|fifteen|twenty|thirty|forty|fifty|few|several"
     r"|many) (years?|yrs?|decades?) (ago|back|clean|free)|(years|decades|ages) ago|in " + _years_before(2) +
